@@ -1,0 +1,276 @@
+#include <ampkit/autocast.h>
+
+#include "autocast_kernel.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CachedTensorUtils.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <unordered_map>
+
+namespace ampkit {
+namespace detail {
+namespace {
+
+struct DeviceState {
+  bool enabled = false;
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  bool cache_enabled = true;
+};
+
+// The weak reference keeps the source TensorImpl allocated, so its address (the key)
+// cannot be reused by another tensor while the entry lives.
+struct CacheEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source;
+  at::Tensor cast;
+};
+
+struct ThreadState {
+  std::array<DeviceState, kNumPolicyDevices> devices;
+  int depth = 0;
+  std::unordered_map<c10::TensorImpl*, CacheEntry> cache;
+};
+
+thread_local ThreadState tls;
+
+bool eligible(const at::Tensor& t, c10::DeviceType device_type) {
+  return t.defined() && t.device().type() == device_type && t.is_floating_point() &&
+         t.scalar_type() != at::kDouble;
+}
+
+// torch's cached_cast: only lower-precision casts of fp32 leaves that require grad are
+// cached (model weights), so each weight is cast once per region, forward and backward.
+at::Tensor cast(const at::Tensor& t, c10::ScalarType to, c10::DeviceType device_type, const DeviceState& state) {
+  if (!eligible(t, device_type) || t.scalar_type() == to) return t;
+  const bool cacheable = state.cache_enabled && to == state.dtype && t.scalar_type() == at::kFloat &&
+                         t.requires_grad() && t.is_leaf() && !t.is_view() && !c10::InferenceMode::is_enabled() &&
+                         !at::caching::is_cached_tensor(t);
+  if (!cacheable) return t.to(to);
+  auto it = tls.cache.find(t.unsafeGetTensorImpl());
+  if (it != tls.cache.end()) return it->second.cast;
+  at::Tensor casted = t.to(to);
+  tls.cache.emplace(t.unsafeGetTensorImpl(), CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), casted});
+  return casted;
+}
+
+void cast_arguments(const OpEntry& e, torch::jit::Stack* stack, c10::ScalarType to, c10::DeviceType device_type,
+                    const DeviceState& state) {
+  const size_t n = e.kinds.size();
+  c10::IValue* args = stack->data() + (stack->size() - n);
+  for (size_t i = 0; i < n; ++i) {
+    switch (e.kinds[i]) {
+      case ArgKind::Tensor:
+      case ArgKind::OptionalTensor:
+        if (args[i].isTensor()) {
+          at::Tensor c = cast(args[i].toTensor(), to, device_type, state);
+          if (!c.is_same(args[i].toTensor())) args[i] = std::move(c);
+        }
+        break;
+      case ArgKind::TensorList: {
+        // A fresh list: the caller may share the boxed one.
+        auto in = args[i].toTensorList();
+        c10::List<at::Tensor> out;
+        out.reserve(in.size());
+        for (const at::Tensor& t : in) out.push_back(cast(t, to, device_type, state));
+        args[i] = std::move(out);
+        break;
+      }
+      default: break;
+    }
+  }
+}
+
+// torch's at::autocast::prioritize: the widest floating type among Tensor and Tensor[]
+// arguments; Tensor? arguments do not vote.
+c10::ScalarType promote_type(const OpEntry& e, const torch::jit::Stack* stack, c10::DeviceType device_type,
+                             c10::ScalarType lower) {
+  c10::ScalarType current = lower;
+  auto vote = [&](const at::Tensor& t) {
+    if (!t.defined() || t.device().type() != device_type || !t.is_floating_point()) return;
+    const auto next = t.scalar_type();
+    if (next == at::kDouble) return;
+    if (current == at::kFloat || next == at::kFloat) {
+      current = at::kFloat;
+    } else {
+      TORCH_CHECK(current == lower && next == lower, "ampkit: policy promote of '", e.name, "' expects floating ",
+                  "inputs of ", dtype_name(lower), " or torch.float32 under autocast with ", dtype_name(lower),
+                  ", got ", dtype_name(next));
+    }
+  };
+  const size_t n = e.kinds.size();
+  const c10::IValue* args = stack->data() + (stack->size() - n);
+  for (size_t i = 0; i < n; ++i) {
+    if (e.kinds[i] == ArgKind::Tensor && args[i].isTensor()) {
+      vote(args[i].toTensor());
+    } else if (e.kinds[i] == ArgKind::TensorList) {
+      for (const at::Tensor& t : args[i].toTensorList()) vote(t);
+    }
+  }
+  return current;
+}
+
+// The device type whose autocast applies: the enabled policy device of highest priority
+// among the tensor arguments, or -1.
+int call_device(const OpEntry& e, const torch::jit::Stack* stack) {
+  int best = -1;
+  auto consider = [&](const at::Tensor& t) {
+    if (!t.defined()) return;
+    const int d = policy_device_index(t.device().type());
+    if (d > best && tls.devices[d].enabled) best = d;
+  };
+  const size_t n = e.kinds.size();
+  const c10::IValue* args = stack->data() + (stack->size() - n);
+  for (size_t i = 0; i < n; ++i) {
+    switch (e.kinds[i]) {
+      case ArgKind::Tensor:
+      case ArgKind::OptionalTensor:
+        if (args[i].isTensor()) consider(args[i].toTensor());
+        break;
+      case ArgKind::TensorList:
+        for (const at::Tensor& t : args[i].toTensorList()) consider(t);
+        break;
+      default: break;
+    }
+  }
+  return best;
+}
+
+void redispatch(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  op.redispatchBoxed(keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kAutocastKey), stack);
+}
+
+constexpr const char* kBinaryCrossEntropyAdvice =
+    "torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast: many models use a "
+    "sigmoid layer right before the binary cross entropy layer; combine the two with "
+    "torch.nn.functional.binary_cross_entropy_with_logits or torch.nn.BCEWithLogitsLoss, which are safe to "
+    "autocast.";
+
+} // namespace
+
+void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack) {
+  // Casts and the op's own decomposition must not come back here.
+  c10::impl::ExcludeDispatchKeyGuard no_reentry(kAutocastKey);
+  const int d = call_device(e, stack);
+  const std::int8_t raw = d < 0 ? kNoPolicy : e.policy[d].load(std::memory_order_acquire);
+  if (raw == kNoPolicy) return redispatch(op, keys, stack);
+
+  const DeviceState& state = tls.devices[d];
+  const c10::DeviceType device_type = policy_device_type(d);
+  const size_t n = e.kinds.size();
+  switch (static_cast<CastPolicy>(raw)) {
+    case CastPolicy::lower_precision_fp:
+      cast_arguments(e, stack, state.dtype, device_type, state);
+      break;
+    case CastPolicy::fp32:
+      cast_arguments(e, stack, at::kFloat, device_type, state);
+      break;
+    case CastPolicy::promote:
+      cast_arguments(e, stack, promote_type(e, stack, device_type, state.dtype), device_type, state);
+      break;
+    case CastPolicy::fp32_set_opt_dtype: {
+      c10::IValue* args = stack->data() + (stack->size() - n);
+      if (args[0].isTensor() && eligible(args[0].toTensor(), device_type)) {
+        for (size_t i = 0; i < n; ++i) {
+          if (e.kinds[i] == ArgKind::OptionalScalarType && args[i].isNone()) args[i] = c10::IValue(at::kFloat);
+        }
+      }
+      break;
+    }
+    case CastPolicy::fp32_append_dtype: {
+      const at::Tensor& first = (stack->end() - n)->toTensor();
+      const auto out_type = eligible(first, device_type) ? at::kFloat : first.scalar_type();
+      stack->emplace_back(out_type);
+      e.append_target->callBoxed(stack);
+      return;
+    }
+    case CastPolicy::banned:
+      TORCH_CHECK(false, "ampkit: '", e.name, "' is banned under autocast on ",
+                  c10::DeviceTypeName(device_type, /*lower_case=*/true), " by its cast policy. ",
+                  e.name == "aten::binary_cross_entropy" ? kBinaryCrossEntropyAdvice
+                                                          : "Run it outside the autocast region or change its policy.");
+  }
+  redispatch(op, keys, stack);
+}
+
+void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype) {
+  TORCH_CHECK_VALUE(policy_device_index(device_type) >= 0, "ampkit.autocast: expected device_type 'cpu' or 'cuda' (a "
+                    "device type with a cast-policy table), got '", c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
+  TORCH_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16,
+                    "ampkit.autocast: expected dtype torch.float16 or torch.bfloat16, got ", dtype_name(dtype));
+}
+
+AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled) {
+  check_autocast_arguments(device_type, dtype);
+  const int d = policy_device_index(device_type);
+  ensure_initialized();
+
+  AutocastRegion region;
+  region.device_type = device_type;
+  region.prev_enabled = tls.devices[d].enabled;
+  region.prev_dtype = tls.devices[d].dtype;
+  region.prev_cache_enabled = tls.devices[d].cache_enabled;
+  region.prev_key_included = c10::impl::tls_is_dispatch_key_included(kAutocastKey);
+  region.prev_key_excluded = c10::impl::tls_is_dispatch_key_excluded(kAutocastKey);
+  region.prev_torch_enabled = at::autocast::is_autocast_enabled(device_type);
+
+  tls.devices[d] = DeviceState{enabled, dtype, cache_enabled};
+  bool any = false;
+  for (const auto& s : tls.devices) any = any || s.enabled;
+  c10::impl::tls_set_dispatch_key_included(kAutocastKey, any);
+  c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, !any);
+  at::autocast::set_autocast_enabled(device_type, false);
+  region.depth = ++tls.depth;
+  return region;
+}
+
+void exit_autocast(const AutocastRegion& region) {
+  TORCH_CHECK(region.depth == tls.depth && region.depth > 0,
+              "ampkit.autocast: expected to leave the innermost autocast region of this thread (depth ", tls.depth,
+              "), got a region of depth ", region.depth,
+              "; regions must be left in reverse order of entry, on the thread that entered them");
+  const int d = policy_device_index(region.device_type);
+  tls.devices[d] = DeviceState{region.prev_enabled, region.prev_dtype, region.prev_cache_enabled};
+  c10::impl::tls_set_dispatch_key_included(kAutocastKey, region.prev_key_included);
+  c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, region.prev_key_excluded);
+  at::autocast::set_autocast_enabled(region.device_type, region.prev_torch_enabled);
+  if (--tls.depth == 0) tls.cache.clear();
+}
+
+} // namespace detail
+
+AutocastGuard::AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled)
+    : region_(detail::enter_autocast(device_type, dtype, enabled, cache_enabled)) {}
+
+AutocastGuard::AutocastGuard(c10::DeviceType device_type, bool enabled, bool cache_enabled)
+    : AutocastGuard(device_type, at::autocast::get_autocast_dtype(device_type), enabled, cache_enabled) {}
+
+AutocastGuard::~AutocastGuard() {
+  // C++ scopes nest, so the region is the innermost one and this cannot throw.
+  detail::exit_autocast(region_);
+}
+
+bool is_autocast_enabled(c10::DeviceType device_type) {
+  const int d = detail::policy_device_index(device_type);
+  return d >= 0 && detail::tls.devices[d].enabled;
+}
+
+c10::ScalarType get_autocast_dtype(c10::DeviceType device_type) {
+  const int d = detail::policy_device_index(device_type);
+  return d >= 0 ? detail::tls.devices[d].dtype : c10::ScalarType::Undefined;
+}
+
+bool is_autocast_cache_enabled(c10::DeviceType device_type) {
+  const int d = detail::policy_device_index(device_type);
+  return d >= 0 && detail::tls.devices[d].cache_enabled;
+}
+
+int autocast_nesting_depth() { return detail::tls.depth; }
+
+std::size_t autocast_cache_size() { return detail::tls.cache.size(); }
+
+void clear_autocast_cache() { detail::tls.cache.clear(); }
+
+} // namespace ampkit

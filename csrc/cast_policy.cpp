@@ -1,0 +1,549 @@
+#include <ampkit/cast_policy.h>
+
+#include "autocast_kernel.h"
+
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cctype>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <ostream>
+#include <sstream>
+#include <unordered_map>
+
+namespace ampkit {
+namespace detail {
+
+int policy_device_index(c10::DeviceType device_type) {
+  switch (device_type) {
+    case c10::DeviceType::CPU: return 0;
+    case c10::DeviceType::CUDA: return 1;
+    default: return -1;
+  }
+}
+
+c10::DeviceType policy_device_type(int index) {
+  return index == 0 ? c10::DeviceType::CPU : c10::DeviceType::CUDA;
+}
+
+std::string dtype_name(c10::ScalarType dtype) {
+  if (dtype == c10::ScalarType::Undefined) return "None";
+  return "torch." + std::string(c10::getDtypeNames(dtype).first);
+}
+
+namespace {
+
+// torch's AutocastCPU list (aten/src/ATen/autocast_mode.cpp); the CPU list is not in the
+// installed headers. tests check it against the AutocastCPU kernels of the running torch.
+const std::pair<const char*, CastPolicy> kCpuDefaults[] = {
+    {"conv1d", CastPolicy::lower_precision_fp},
+    {"conv1d.padding", CastPolicy::lower_precision_fp},
+    {"conv2d", CastPolicy::lower_precision_fp},
+    {"conv2d.padding", CastPolicy::lower_precision_fp},
+    {"conv3d", CastPolicy::lower_precision_fp},
+    {"conv3d.padding", CastPolicy::lower_precision_fp},
+    {"bmm", CastPolicy::lower_precision_fp},
+    {"mm", CastPolicy::lower_precision_fp},
+    {"linalg_vecdot", CastPolicy::lower_precision_fp},
+    {"baddbmm", CastPolicy::lower_precision_fp},
+    {"addmm", CastPolicy::lower_precision_fp},
+    {"_addmm_activation", CastPolicy::lower_precision_fp},
+    {"addbmm", CastPolicy::lower_precision_fp},
+    {"linear", CastPolicy::lower_precision_fp},
+    {"_convolution.deprecated", CastPolicy::lower_precision_fp},
+    {"matmul", CastPolicy::lower_precision_fp},
+    {"conv_tbc", CastPolicy::lower_precision_fp},
+    {"mkldnn_rnn_layer", CastPolicy::lower_precision_fp},
+    {"conv_transpose1d", CastPolicy::lower_precision_fp},
+    {"conv_transpose2d.input", CastPolicy::lower_precision_fp},
+    {"conv_transpose3d.input", CastPolicy::lower_precision_fp},
+    {"prelu", CastPolicy::lower_precision_fp},
+    {"scaled_dot_product_attention", CastPolicy::lower_precision_fp},
+    {"_native_multi_head_attention", CastPolicy::lower_precision_fp},
+    {"avg_pool3d", CastPolicy::fp32},
+    {"binary_cross_entropy", CastPolicy::fp32},
+    {"grid_sampler", CastPolicy::fp32},
+    {"polar", CastPolicy::fp32},
+    {"prod", CastPolicy::fp32},
+    {"prod.dim_int", CastPolicy::fp32},
+    {"quantile", CastPolicy::fp32},
+    {"quantile.scalar", CastPolicy::fp32},
+    {"nanquantile", CastPolicy::fp32},
+    {"nanquantile.scalar", CastPolicy::fp32},
+    {"stft", CastPolicy::fp32},
+    {"stft.center", CastPolicy::fp32},
+    {"cdist", CastPolicy::fp32},
+    {"grid_sampler_2d", CastPolicy::fp32},
+    {"_grid_sampler_2d_cpu_fallback", CastPolicy::fp32},
+    {"grid_sampler_3d", CastPolicy::fp32},
+    {"trace", CastPolicy::fp32},
+    {"view_as_complex", CastPolicy::fp32},
+    {"cholesky", CastPolicy::fp32},
+    {"cholesky_inverse", CastPolicy::fp32},
+    {"cholesky_solve", CastPolicy::fp32},
+    {"inverse", CastPolicy::fp32},
+    {"lu_solve", CastPolicy::fp32},
+    {"orgqr", CastPolicy::fp32},
+    {"ormqr", CastPolicy::fp32},
+    {"pinverse", CastPolicy::fp32},
+    {"max_pool3d", CastPolicy::fp32},
+    {"max_unpool2d", CastPolicy::fp32},
+    {"max_unpool3d", CastPolicy::fp32},
+    {"adaptive_avg_pool3d", CastPolicy::fp32},
+    {"reflection_pad1d", CastPolicy::fp32},
+    {"reflection_pad2d", CastPolicy::fp32},
+    {"replication_pad1d", CastPolicy::fp32},
+    {"replication_pad2d", CastPolicy::fp32},
+    {"replication_pad3d", CastPolicy::fp32},
+    {"mse_loss", CastPolicy::fp32},
+    {"cosine_embedding_loss", CastPolicy::fp32},
+    {"nll_loss", CastPolicy::fp32},
+    {"nll_loss2d", CastPolicy::fp32},
+    {"hinge_embedding_loss", CastPolicy::fp32},
+    {"poisson_nll_loss", CastPolicy::fp32},
+    {"smooth_l1_loss", CastPolicy::fp32},
+    {"cross_entropy_loss", CastPolicy::fp32},
+    {"l1_loss", CastPolicy::fp32},
+    {"huber_loss", CastPolicy::fp32},
+    {"margin_ranking_loss", CastPolicy::fp32},
+    {"soft_margin_loss", CastPolicy::fp32},
+    {"triplet_margin_loss", CastPolicy::fp32},
+    {"multi_margin_loss", CastPolicy::fp32},
+    {"ctc_loss.IntList", CastPolicy::fp32},
+    {"ctc_loss.Tensor", CastPolicy::fp32},
+    {"kl_div", CastPolicy::fp32},
+    {"multilabel_margin_loss", CastPolicy::fp32},
+    {"binary_cross_entropy_with_logits", CastPolicy::fp32},
+    {"fft_fft", CastPolicy::fp32},
+    {"fft_ifft", CastPolicy::fp32},
+    {"fft_fft2", CastPolicy::fp32},
+    {"fft_ifft2", CastPolicy::fp32},
+    {"fft_fftn", CastPolicy::fp32},
+    {"fft_ifftn", CastPolicy::fp32},
+    {"fft_rfft", CastPolicy::fp32},
+    {"fft_irfft", CastPolicy::fp32},
+    {"fft_rfft2", CastPolicy::fp32},
+    {"fft_irfft2", CastPolicy::fp32},
+    {"fft_rfftn", CastPolicy::fp32},
+    {"fft_irfftn", CastPolicy::fp32},
+    {"fft_hfft", CastPolicy::fp32},
+    {"fft_ihfft", CastPolicy::fp32},
+    {"linalg_cond", CastPolicy::fp32},
+    {"linalg_cond.p_str", CastPolicy::fp32},
+    {"linalg_matrix_rank", CastPolicy::fp32},
+    {"linalg_matrix_rank.tol_tensor", CastPolicy::fp32},
+    {"linalg_matrix_rank.atol_rtol_tensor", CastPolicy::fp32},
+    {"linalg_matrix_rank.atol_rtol_float", CastPolicy::fp32},
+    {"linalg_solve", CastPolicy::fp32},
+    {"linalg_cholesky", CastPolicy::fp32},
+    {"linalg_svdvals", CastPolicy::fp32},
+    {"linalg_eigvals", CastPolicy::fp32},
+    {"linalg_eigvalsh", CastPolicy::fp32},
+    {"linalg_inv", CastPolicy::fp32},
+    {"linalg_householder_product", CastPolicy::fp32},
+    {"linalg_tensorinv", CastPolicy::fp32},
+    {"linalg_tensorsolve", CastPolicy::fp32},
+    {"fake_quantize_per_tensor_affine", CastPolicy::fp32},
+    {"geqrf", CastPolicy::fp32},
+    {"_lu_with_info", CastPolicy::fp32},
+    {"qr", CastPolicy::fp32},
+    {"svd", CastPolicy::fp32},
+    {"triangular_solve", CastPolicy::fp32},
+    {"fractional_max_pool2d", CastPolicy::fp32},
+    {"fractional_max_pool3d", CastPolicy::fp32},
+    {"adaptive_max_pool3d", CastPolicy::fp32},
+    {"multilabel_margin_loss_forward", CastPolicy::fp32},
+    {"linalg_qr", CastPolicy::fp32},
+    {"linalg_cholesky_ex", CastPolicy::fp32},
+    {"linalg_svd", CastPolicy::fp32},
+    {"linalg_eig", CastPolicy::fp32},
+    {"linalg_eigh", CastPolicy::fp32},
+    {"linalg_lstsq", CastPolicy::fp32},
+    {"linalg_inv_ex", CastPolicy::fp32},
+    {"stack", CastPolicy::promote},
+    {"cat", CastPolicy::promote},
+    {"index_copy", CastPolicy::promote},
+};
+
+// "pow, Tensor_Scalar" (a stringized macro argument list) -> "aten::pow.Tensor_Scalar".
+std::string aten_name_from_macro_args(std::string_view args) {
+  std::string out = "aten::";
+  for (char c : args) {
+    if (c == ',') out += '.';
+    else if (!std::isspace(static_cast<unsigned char>(c))) out += c;
+  }
+  return out;
+}
+
+// The CUDA lists come from the installed torch's own header, so they follow its version.
+PolicyMap build_cuda_defaults() {
+  PolicyMap m;
+#define AMPKIT_CUDA_LOWER(...) m[aten_name_from_macro_args(#__VA_ARGS__)] = CastPolicy::lower_precision_fp;
+#define AMPKIT_CUDA_FP32(...) m[aten_name_from_macro_args(#__VA_ARGS__)] = CastPolicy::fp32;
+#define AMPKIT_CUDA_SET_OPT(...) m[aten_name_from_macro_args(#__VA_ARGS__)] = CastPolicy::fp32_set_opt_dtype;
+#define AMPKIT_CUDA_PROMOTE(...) m[aten_name_from_macro_args(#__VA_ARGS__)] = CastPolicy::promote;
+#define AMPKIT_CUDA_APPEND(REDISPATCH, NAME, ...) m[std::string("aten::") + NAME] = CastPolicy::fp32_append_dtype;
+  AT_FORALL_LOWER_PRECISION_FP(AMPKIT_CUDA_LOWER)
+  AT_FORALL_FP32(AMPKIT_CUDA_FP32)
+  AT_FORALL_FP32_SET_OPT_DTYPE(AMPKIT_CUDA_SET_OPT)
+  AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE(AMPKIT_CUDA_APPEND)
+  AT_FORALL_PROMOTE(AMPKIT_CUDA_PROMOTE)
+#undef AMPKIT_CUDA_LOWER
+#undef AMPKIT_CUDA_FP32
+#undef AMPKIT_CUDA_SET_OPT
+#undef AMPKIT_CUDA_PROMOTE
+#undef AMPKIT_CUDA_APPEND
+  // Registered by hand in autocast_mode.cpp rather than through the shared lists.
+  m["aten::cudnn_convolution"] = CastPolicy::lower_precision_fp;
+  m["aten::cudnn_convolution_transpose"] = CastPolicy::lower_precision_fp;
+  m["aten::binary_cross_entropy"] = CastPolicy::banned;
+  return m;
+}
+
+PolicyMap build_cpu_defaults() {
+  PolicyMap m;
+  for (const auto& [name, policy] : kCpuDefaults) m[std::string("aten::") + name] = policy;
+  return m;
+}
+
+bool is_identifier(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
+  });
+}
+
+c10::OperatorName parse_op_name(std::string_view op) {
+  const auto sep = op.find("::");
+  const auto dot = sep == std::string_view::npos ? std::string_view::npos : op.find('.', sep + 2);
+  const bool ok = sep != std::string_view::npos && is_identifier(op.substr(0, sep)) &&
+                  is_identifier(op.substr(sep + 2, dot == std::string_view::npos ? op.npos : dot - sep - 2)) &&
+                  (dot == std::string_view::npos || is_identifier(op.substr(dot + 1)));
+  TORCH_CHECK_VALUE(ok,
+              "ampkit: expected op as 'namespace::name' or 'namespace::name.overload' "
+              "(e.g. 'aten::mm', 'aten::pow.Tensor_Scalar'), got '",
+              op, "'");
+  const std::string name(op.substr(0, dot));
+  const std::string overload = dot == std::string_view::npos ? "" : std::string(op.substr(dot + 1));
+  return c10::OperatorName(name, overload);
+}
+
+std::string full_name(const c10::OperatorName& n) {
+  return n.overload_name.empty() ? n.name : n.name + "." + n.overload_name;
+}
+
+c10::OperatorHandle find_op(std::string_view op) {
+  const auto name = parse_op_name(op);
+  auto handle = c10::Dispatcher::singleton().findSchema(name);
+  if (handle) return *handle;
+  std::vector<std::string> overloads;
+  for (const auto& other : c10::Dispatcher::singleton().getAllOpNames()) {
+    if (other.name == name.name) overloads.push_back(full_name(other));
+  }
+  std::sort(overloads.begin(), overloads.end());
+  std::ostringstream hint;
+  if (!overloads.empty()) {
+    hint << "; overloads of '" << name.name << "':";
+    for (const auto& o : overloads) hint << " " << o;
+  } else {
+    hint << " (load the library that defines it first)";
+  }
+  TORCH_CHECK_VALUE(false, "ampkit: expected an operator registered with the PyTorch dispatcher, got '",
+              op, "', which is not", hint.str());
+}
+
+ArgKind classify(const c10::Argument& arg) {
+  const auto& type = arg.real_type();
+  if (type->kind() == c10::TypeKind::TensorType) return ArgKind::Tensor;
+  if (auto opt = type->cast<c10::OptionalType>()) {
+    const auto kind = opt->getElementType()->kind();
+    if (kind == c10::TypeKind::TensorType) return ArgKind::OptionalTensor;
+    if (kind == c10::TypeKind::ScalarTypeType) return ArgKind::OptionalScalarType;
+  }
+  if (auto list = type->cast<c10::ListType>()) {
+    if (list->getElementType()->kind() == c10::TypeKind::TensorType) return ArgKind::TensorList;
+  }
+  return ArgKind::Other;
+}
+
+std::vector<ArgKind> classify_all(const c10::FunctionSchema& schema) {
+  std::vector<ArgKind> kinds;
+  for (const auto& a : schema.arguments()) kinds.push_back(classify(a));
+  return kinds;
+}
+
+bool same_or_widened(const c10::TypePtr& narrow, const c10::TypePtr& wide) {
+  if (*narrow == *wide) return true;
+  auto opt = wide->cast<c10::OptionalType>();
+  return opt && *opt->getElementType() == *narrow;
+}
+
+bool has_mutable_argument(const c10::FunctionSchema& schema) {
+  return std::any_of(schema.arguments().begin(), schema.arguments().end(),
+                     [](const c10::Argument& a) { return a.alias_info() && a.alias_info()->isWrite(); });
+}
+
+// The overload that takes `schema`'s arguments plus a trailing `ScalarType dtype`
+// (norm.Scalar -> norm.ScalarOpt_dtype), as torch's fp32_append_dtype redispatches.
+std::optional<c10::OperatorHandle> find_dtype_overload(const c10::FunctionSchema& schema) {
+  const auto& args = schema.arguments();
+  for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
+    if (name.name != schema.name()) continue;
+    auto handle = c10::Dispatcher::singleton().findSchema(name);
+    if (!handle) continue;
+    const auto& cand = handle->schema();
+    const auto& cargs = cand.arguments();
+    if (cargs.size() != args.size() + 1 || has_mutable_argument(cand)) continue;
+    const auto& last = cargs.back();
+    if (last.name() != "dtype" || last.real_type()->kind() != c10::TypeKind::ScalarTypeType) continue;
+    bool match = true;
+    for (size_t i = 0; i < args.size() && match; ++i) {
+      match = args[i].name() == cargs[i].name() && same_or_widened(args[i].real_type(), cargs[i].real_type());
+    }
+    if (match) return handle;
+  }
+  return std::nullopt;
+}
+
+// Refuses (with the reason) a policy that the operator's schema cannot carry out.
+// Returns the dtype overload for fp32_append_dtype.
+std::optional<c10::OperatorHandle> check_policy_fits(const std::string& op, const c10::FunctionSchema& schema,
+                                                     CastPolicy policy) {
+  for (const auto& a : schema.arguments()) {
+    TORCH_CHECK_VALUE(!(a.alias_info() && a.alias_info()->isWrite()), "ampkit: expected an out-of-place operator, got '",
+                op, "', whose argument '", a.name(),
+                "' is mutable (in-place or out=); only out-of-place operators can be autocast");
+  }
+  const auto kinds = classify_all(schema);
+  const bool has_tensor = std::any_of(kinds.begin(), kinds.end(), [](ArgKind k) {
+    return k == ArgKind::Tensor || k == ArgKind::OptionalTensor || k == ArgKind::TensorList;
+  });
+  TORCH_CHECK_VALUE(has_tensor, "ampkit: expected an operator with a Tensor, Tensor? or Tensor[] argument, got '", op,
+              "' with schema ", schema);
+  const bool first_is_tensor = !kinds.empty() && kinds.front() == ArgKind::Tensor;
+  if (policy == CastPolicy::fp32_set_opt_dtype) {
+    const bool has_opt_dtype = std::find(kinds.begin(), kinds.end(), ArgKind::OptionalScalarType) != kinds.end();
+    TORCH_CHECK_VALUE(first_is_tensor && has_opt_dtype,
+                "ampkit: policy fp32_set_opt_dtype expects an operator whose first argument is a Tensor and that "
+                "has a 'ScalarType? dtype' argument, got '",
+                op, "' with schema ", schema);
+  }
+  if (policy == CastPolicy::fp32_append_dtype) {
+    TORCH_CHECK_VALUE(first_is_tensor, "ampkit: policy fp32_append_dtype expects an operator whose first argument is a "
+                "Tensor, got '", op, "' with schema ", schema);
+    auto target = find_dtype_overload(schema);
+    TORCH_CHECK_VALUE(target.has_value(), "ampkit: policy fp32_append_dtype expects an overload of '", schema.name(),
+                "' that takes the arguments of '", op, "' plus a trailing 'ScalarType dtype', got none for schema ",
+                schema);
+    return target;
+  }
+  return std::nullopt;
+}
+
+class AutocastKernel final : public c10::OperatorKernel {
+public:
+  explicit AutocastKernel(const OpEntry* entry) : entry_(entry) {}
+  void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+    run_autocast_kernel(*entry_, op, keys, stack);
+  }
+
+private:
+  const OpEntry* entry_;
+};
+
+struct Registry {
+  std::mutex mutex;
+  bool initialized = false;
+  std::array<PolicyMap, kNumPolicyDevices> tables;
+  std::deque<OpEntry> entries; // deque: entries never move, kernels point at them
+  std::unordered_map<std::string, OpEntry*> by_name;
+  std::unique_ptr<torch::Library> fallback;
+  std::unordered_map<std::string, std::unique_ptr<torch::Library>> libraries; // per namespace
+};
+
+// Never destroyed: the registered kernels and libraries must outlive every op call, also
+// those made by other static destructors at exit.
+Registry& registry() {
+  static Registry* r = new Registry();
+  return *r;
+}
+
+OpEntry& entry_for(Registry& r, const std::string& op, const c10::OperatorHandle& handle) {
+  auto it = r.by_name.find(op);
+  if (it != r.by_name.end()) return *it->second;
+  OpEntry& e = r.entries.emplace_back(op, handle, classify_all(handle.schema()));
+  const auto& name = handle.operator_name();
+  const std::string ns = name.name.substr(0, name.name.find("::"));
+  auto& lib = r.libraries[ns];
+  if (!lib) lib = std::make_unique<torch::Library>(torch::Library::IMPL, ns, kAutocastKey, __FILE__, __LINE__);
+  std::string local = name.name.substr(ns.size() + 2);
+  if (!name.overload_name.empty()) local += "." + name.overload_name;
+  lib->impl(local.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutocastKernel>(&e)));
+  r.by_name.emplace(op, &e);
+  return e;
+}
+
+void store_policy(OpEntry& e, int device, std::optional<CastPolicy> policy) {
+  e.policy[device].store(policy ? static_cast<std::int8_t>(*policy) : kNoPolicy, std::memory_order_release);
+}
+
+const PolicyMap& defaults(int device) {
+  static const std::array<PolicyMap, kNumPolicyDevices> d = [] {
+    std::array<PolicyMap, kNumPolicyDevices> out{build_cpu_defaults(), build_cuda_defaults()};
+    // An op missing from this torch build (lists differ between versions) is left out.
+    for (auto& m : out) {
+      for (auto it = m.begin(); it != m.end();) {
+        it = c10::Dispatcher::singleton().findSchema(parse_op_name(it->first)) ? std::next(it) : m.erase(it);
+      }
+    }
+    return out;
+  }();
+  return d[device];
+}
+
+void apply_table(Registry& r, int device, const PolicyMap& table) {
+  for (const auto& [op, policy] : table) {
+    auto& e = entry_for(r, op, find_op(op));
+    if (policy == CastPolicy::fp32_append_dtype && !e.append_target) {
+      e.append_target = check_policy_fits(op, e.handle.schema(), policy);
+    }
+  }
+  for (auto& e : r.entries) {
+    auto it = table.find(e.name);
+    store_policy(e, device, it == table.end() ? std::nullopt : std::optional<CastPolicy>(it->second));
+  }
+  r.tables[device] = table;
+}
+
+void init_locked(Registry& r) {
+  if (r.initialized) return;
+  auto& dispatcher = c10::Dispatcher::singleton();
+  TORCH_CHECK(!dispatcher.hasBackendFallbackForDispatchKey(kAutocastKey),
+              "ampkit: expected the AutocastPrivateUse1 dispatch key to be free, got a fallback already registered "
+              "on it (a PrivateUse1 device backend such as torch_npu, auto-loaded by `import torch`, or a second "
+              "copy of ampkit). ampkit's autocast needs that key: set TORCH_DEVICE_BACKEND_AUTOLOAD=0 or uninstall "
+              "the backend");
+  r.fallback = std::make_unique<torch::Library>(torch::Library::IMPL, "_", kAutocastKey, __FILE__, __LINE__);
+  r.fallback->fallback(torch::CppFunction::makeFallthrough());
+  for (int d = 0; d < kNumPolicyDevices; ++d) apply_table(r, d, defaults(d));
+  r.initialized = true;
+}
+
+int checked_device(c10::DeviceType device_type) {
+  const int d = policy_device_index(device_type);
+  TORCH_CHECK_VALUE(d >= 0, "ampkit: expected device_type 'cpu' or 'cuda' (a device type with a cast-policy table), got '",
+              c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
+  return d;
+}
+
+} // namespace
+
+void ensure_initialized() {
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  init_locked(r);
+}
+
+} // namespace detail
+
+using namespace detail;
+
+const std::vector<CastPolicy>& all_cast_policies() {
+  static const std::vector<CastPolicy> all = {CastPolicy::lower_precision_fp, CastPolicy::fp32,
+                                              CastPolicy::fp32_set_opt_dtype, CastPolicy::fp32_append_dtype,
+                                              CastPolicy::promote,            CastPolicy::banned};
+  return all;
+}
+
+const char* to_string(CastPolicy policy) {
+  switch (policy) {
+    case CastPolicy::lower_precision_fp: return "lower_precision_fp";
+    case CastPolicy::fp32: return "fp32";
+    case CastPolicy::fp32_set_opt_dtype: return "fp32_set_opt_dtype";
+    case CastPolicy::fp32_append_dtype: return "fp32_append_dtype";
+    case CastPolicy::promote: return "promote";
+    case CastPolicy::banned: return "banned";
+  }
+  TORCH_CHECK_VALUE(false, "ampkit: expected a CastPolicy, got the value ", static_cast<int>(policy));
+}
+
+std::ostream& operator<<(std::ostream& out, CastPolicy policy) { return out << to_string(policy); }
+
+CastPolicy cast_policy_from_string(std::string_view name) {
+  for (auto p : all_cast_policies()) {
+    if (name == to_string(p)) return p;
+  }
+  TORCH_CHECK_VALUE(false, "ampkit: expected a cast policy name (lower_precision_fp, fp32, fp32_set_opt_dtype, "
+              "fp32_append_dtype, promote, banned), got '", name, "'");
+}
+
+const std::vector<c10::DeviceType>& policy_device_types() {
+  static const std::vector<c10::DeviceType> types = {c10::DeviceType::CPU, c10::DeviceType::CUDA};
+  return types;
+}
+
+bool has_policy_table(c10::DeviceType device_type) { return policy_device_index(device_type) >= 0; }
+
+std::optional<CastPolicy> get_policy(c10::DeviceType device_type, std::string_view op) {
+  const int d = checked_device(device_type);
+  const std::string name = full_name(parse_op_name(op));
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  init_locked(r);
+  auto it = r.tables[d].find(name);
+  if (it == r.tables[d].end()) return std::nullopt;
+  return it->second;
+}
+
+void set_policy(c10::DeviceType device_type, std::string_view op, CastPolicy policy) {
+  const int d = checked_device(device_type);
+  TORCH_CHECK_VALUE(static_cast<unsigned>(policy) <= static_cast<unsigned>(CastPolicy::banned),
+              "ampkit: expected a CastPolicy, got the value ", static_cast<int>(policy));
+  auto handle = find_op(op);
+  const std::string name = full_name(handle.operator_name());
+  auto target = check_policy_fits(name, handle.schema(), policy);
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  init_locked(r);
+  auto& e = entry_for(r, name, handle);
+  if (target && !e.append_target) e.append_target = target;
+  r.tables[d][name] = policy;
+  store_policy(e, d, policy);
+}
+
+bool remove_policy(c10::DeviceType device_type, std::string_view op) {
+  const int d = checked_device(device_type);
+  const std::string name = full_name(find_op(op).operator_name());
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  init_locked(r);
+  if (r.tables[d].erase(name) == 0) return false;
+  store_policy(*r.by_name.at(name), d, std::nullopt);
+  return true;
+}
+
+PolicyMap list_policies(c10::DeviceType device_type) {
+  const int d = checked_device(device_type);
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  init_locked(r);
+  return r.tables[d];
+}
+
+PolicyMap default_policies(c10::DeviceType device_type) { return defaults(checked_device(device_type)); }
+
+void reset_policies(c10::DeviceType device_type) {
+  const int d = checked_device(device_type);
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  init_locked(r);
+  apply_table(r, d, defaults(d));
+}
+
+void reset_policies() {
+  for (auto t : policy_device_types()) reset_policies(t);
+}
+
+} // namespace ampkit

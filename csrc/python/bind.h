@@ -1,0 +1,20 @@
+#pragma once
+// One bind_<concept>() per concept; module.cpp only calls them.
+
+#include <torch/csrc/utils/pybind.h>
+
+#include <c10/core/DeviceType.h>
+
+#include <string>
+
+namespace ampkit::python {
+
+namespace py = pybind11;
+
+// "cpu" / "cuda" (also "cuda:0") -> the device type, with an error that names the argument.
+c10::DeviceType parse_device_type(const std::string& device_type);
+
+void bind_cast_policy(py::module_& m);
+void bind_autocast(py::module_& m);
+
+} // namespace ampkit::python

@@ -1,0 +1,75 @@
+#include "python/bind.h"
+
+#include <ampkit/autocast.h>
+
+#include <pybind11/stl.h>
+
+#include <optional>
+
+namespace ampkit::python {
+namespace {
+
+// A region entered and left by explicit calls: Python's `with` decides when, not the
+// garbage collector.
+class PyAutocastRegion {
+public:
+  PyAutocastRegion(const std::string& device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled)
+      : device_type_(parse_device_type(device_type)), dtype_(dtype), enabled_(enabled),
+        cache_enabled_(cache_enabled) {}
+
+  void enter() {
+    TORCH_CHECK(!region_, "ampkit._C._AutocastRegion.enter: expected a region that is not entered, got one "
+                "already entered");
+    region_ = detail::enter_autocast(device_type_, dtype_, enabled_, cache_enabled_);
+  }
+
+  void exit() {
+    TORCH_CHECK(region_, "ampkit._C._AutocastRegion.exit: expected an entered region, got one not entered");
+    detail::exit_autocast(*region_);
+    region_.reset();
+  }
+
+private:
+  c10::DeviceType device_type_;
+  c10::ScalarType dtype_;
+  bool enabled_;
+  bool cache_enabled_;
+  std::optional<detail::AutocastRegion> region_;
+};
+
+} // namespace
+
+void bind_autocast(py::module_& m) {
+  py::class_<PyAutocastRegion>(m, "_AutocastRegion",
+                               "One autocast region; ampkit.autocast enters and leaves it.")
+      .def(py::init<const std::string&, c10::ScalarType, bool, bool>(), py::arg("device_type"), py::arg("dtype"),
+           py::arg("enabled"), py::arg("cache_enabled"))
+      .def("enter", &PyAutocastRegion::enter, "Enters the region on the calling thread.")
+      .def("exit", &PyAutocastRegion::exit, "Leaves the region; it must be the thread's innermost.");
+
+  m.def(
+      "check_autocast_arguments",
+      [](const std::string& device_type, c10::ScalarType dtype) {
+        detail::check_autocast_arguments(parse_device_type(device_type), dtype);
+      },
+      py::arg("device_type"), py::arg("dtype"), "Raises ValueError for arguments ampkit.autocast does not accept.");
+  m.def(
+      "is_autocast_enabled", [](const std::string& t) { return is_autocast_enabled(parse_device_type(t)); },
+      py::arg("device_type"), "Whether ampkit's autocast is on for device_type on this thread.");
+  m.def(
+      "get_autocast_dtype",
+      [](const std::string& t) -> std::optional<c10::ScalarType> {
+        const auto dtype = get_autocast_dtype(parse_device_type(t));
+        if (dtype == c10::ScalarType::Undefined) return std::nullopt;
+        return dtype;
+      },
+      py::arg("device_type"), "The dtype of this thread's innermost region of device_type, or None.");
+  m.def(
+      "is_autocast_cache_enabled", [](const std::string& t) { return is_autocast_cache_enabled(parse_device_type(t)); },
+      py::arg("device_type"), "Whether the weight cache is on for device_type on this thread.");
+  m.def("autocast_nesting_depth", &autocast_nesting_depth, "Number of ampkit regions open on this thread.");
+  m.def("autocast_cache_size", &autocast_cache_size, "Number of weight casts cached on this thread.");
+  m.def("clear_autocast_cache", &clear_autocast_cache, "Drops this thread's cached weight casts.");
+}
+
+} // namespace ampkit::python

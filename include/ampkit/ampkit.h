@@ -1,0 +1,6 @@
+#pragma once
+/// \file ampkit.h
+/// Umbrella header: everything ampkit offers C++ users.
+
+#include <ampkit/autocast.h>
+#include <ampkit/cast_policy.h>

@@ -1,0 +1,355 @@
+#include "test_helpers.h"
+
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <thread>
+
+using ampkit::AutocastGuard;
+using ampkit::CastPolicy;
+using ampkit_test::bitwise_equal;
+using ampkit_test::error_of;
+using ampkit_test::ResetPoliciesOnExit;
+using Catch::Matchers::Contains;
+
+// A custom operator that ampkit knows nothing about until the test gives it a policy.
+TORCH_LIBRARY(ampkit_test, m) {
+  m.def("scale2(Tensor x) -> Tensor", [](const at::Tensor& x) { return x * 2; });
+}
+
+namespace {
+
+at::Tensor call_scale2(const at::Tensor& x) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ampkit_test::scale2", "").typed<at::Tensor(const at::Tensor&)>();
+  return op.call(x);
+}
+
+bool key_included() { return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::AutocastPrivateUse1); }
+bool key_excluded() { return c10::impl::tls_is_dispatch_key_excluded(c10::DispatchKey::AutocastPrivateUse1); }
+
+} // namespace
+
+TEST_CASE("each policy casts as torch does, bitwise against casting by hand", "[autocast]") {
+  ResetPoliciesOnExit reset;
+  torch::manual_seed(0);
+  const auto dtype = GENERATE(at::kBFloat16, at::kHalf);
+  INFO(ampkit::to_string(CastPolicy::lower_precision_fp) << " dtype " << dtype);
+  auto a = torch::randn({16, 16});
+  auto b = torch::randn({16, 16});
+
+  SECTION("lower_precision_fp") {
+    at::Tensor out;
+    {
+      AutocastGuard guard(c10::kCPU, dtype);
+      out = torch::mm(a, b);
+    }
+    CHECK(bitwise_equal(out, torch::mm(a.to(dtype), b.to(dtype))));
+    // Tensor? arguments are cast too.
+    auto bias = torch::randn({16});
+    {
+      AutocastGuard guard(c10::kCPU, dtype);
+      out = torch::linear(a, b, bias);
+    }
+    CHECK(bitwise_equal(out, torch::linear(a.to(dtype), b.to(dtype), bias.to(dtype))));
+  }
+  SECTION("fp32") {
+    auto x = a.to(dtype), y = b.to(dtype);
+    at::Tensor out;
+    {
+      AutocastGuard guard(c10::kCPU, dtype);
+      out = torch::mse_loss(x, y);
+    }
+    CHECK(bitwise_equal(out, torch::mse_loss(x.to(at::kFloat), y.to(at::kFloat))));
+  }
+  SECTION("fp32_set_opt_dtype fills an absent dtype only") {
+    ampkit::set_policy(c10::kCPU, "aten::softmax.int", CastPolicy::fp32_set_opt_dtype);
+    auto x = a.to(dtype);
+    at::Tensor out, explicit_dtype;
+    {
+      AutocastGuard guard(c10::kCPU, dtype);
+      out = torch::softmax(x, 1);
+      explicit_dtype = torch::softmax(x, 1, at::kDouble);
+    }
+    CHECK(bitwise_equal(out, torch::softmax(x, 1, at::kFloat)));
+    CHECK(explicit_dtype.scalar_type() == at::kDouble);
+  }
+  SECTION("fp32_append_dtype calls the dtype overload") {
+    ampkit::set_policy(c10::kCPU, "aten::norm.Scalar", CastPolicy::fp32_append_dtype);
+    auto x = a.to(dtype);
+    at::Tensor out;
+    {
+      AutocastGuard guard(c10::kCPU, dtype);
+      out = at::norm(x, 2);
+    }
+    CHECK(bitwise_equal(out, at::norm(x, c10::optional<at::Scalar>(2), at::kFloat)));
+  }
+  SECTION("promote runs in the widest input type") {
+    auto low = a.to(dtype);
+    at::Tensor mixed, same;
+    {
+      AutocastGuard guard(c10::kCPU, dtype);
+      mixed = torch::cat({low, b});
+      same = torch::cat({low, low});
+    }
+    CHECK(bitwise_equal(mixed, torch::cat({low.to(at::kFloat), b})));
+    CHECK(bitwise_equal(same, torch::cat({low, low})));
+  }
+  SECTION("banned refuses to run") {
+    ampkit::set_policy(c10::kCPU, "aten::binary_cross_entropy", CastPolicy::banned);
+    auto p = torch::rand({4}), t = torch::rand({4});
+    AutocastGuard guard(c10::kCPU, dtype);
+    CHECK_THAT(error_of([&] { torch::binary_cross_entropy(p, t); }),
+               Contains("'aten::binary_cross_entropy' is banned under autocast on cpu") &&
+                   Contains("binary_cross_entropy_with_logits"));
+  }
+}
+
+TEST_CASE("promote refuses fp16 mixed with bf16, as torch does", "[autocast]") {
+  auto h = torch::randn({4}, at::kHalf), b = torch::randn({4}, at::kBFloat16);
+  AutocastGuard guard(c10::kCPU, at::kBFloat16);
+  CHECK_THAT(error_of([&] { torch::cat({b, h}); }), Contains("expects floating inputs of torch.bfloat16"));
+}
+
+TEST_CASE("float64, integer and other-device inputs are untouched", "[autocast]") {
+  auto d = torch::randn({8, 8}, at::kDouble);
+  auto i = torch::randint(0, 5, {8, 8}, at::kLong);
+  AutocastGuard guard(c10::kCPU, at::kBFloat16);
+  CHECK(torch::mm(d, d).scalar_type() == at::kDouble);
+  CHECK(torch::mm(i, i).scalar_type() == at::kLong);
+  CHECK(bitwise_equal(torch::mm(d, d), [&] {
+    c10::impl::ExcludeDispatchKeyGuard off(c10::DispatchKey::AutocastPrivateUse1);
+    return torch::mm(d, d);
+  }()));
+  // A CUDA-only guard leaves CPU tensors alone.
+  AutocastGuard cuda_guard(c10::kCUDA, at::kHalf);
+  CHECK(torch::mm(torch::randn({4, 4}), torch::randn({4, 4})).scalar_type() == at::kBFloat16);
+}
+
+TEST_CASE("ops outside the table run unchanged", "[autocast]") {
+  auto x = torch::randn({8}, at::kBFloat16);
+  AutocastGuard guard(c10::kCPU);
+  CHECK(torch::relu(x).scalar_type() == at::kBFloat16);
+  CHECK(torch::relu(torch::randn({8})).scalar_type() == at::kFloat);
+}
+
+TEST_CASE("guards nest and restore the state exactly", "[autocast]") {
+  auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
+  at::autocast::set_autocast_enabled(c10::kCPU, true); // torch's own autocast on around the guards
+  const bool inc0 = key_included(), exc0 = key_excluded();
+  CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
+  {
+    AutocastGuard outer(c10::kCPU, at::kBFloat16);
+    CHECK(ampkit::is_autocast_enabled(c10::kCPU));
+    CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU)); // switched off: no double casts
+    CHECK(ampkit::autocast_nesting_depth() == 1);
+    CHECK(torch::mm(a, b).scalar_type() == at::kBFloat16);
+    {
+      AutocastGuard inner(c10::kCPU, at::kHalf);
+      CHECK(ampkit::get_autocast_dtype(c10::kCPU) == at::kHalf);
+      CHECK(torch::mm(a, b).scalar_type() == at::kHalf);
+      {
+        AutocastGuard off(c10::kCPU, at::kHalf, /*enabled=*/false);
+        CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
+        CHECK(torch::mm(a, b).scalar_type() == at::kFloat);
+        CHECK(ampkit::autocast_nesting_depth() == 3);
+      }
+      CHECK(torch::mm(a, b).scalar_type() == at::kHalf);
+    }
+    CHECK(ampkit::get_autocast_dtype(c10::kCPU) == at::kBFloat16);
+    CHECK(torch::mm(a, b).scalar_type() == at::kBFloat16);
+  }
+  CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
+  CHECK(ampkit::get_autocast_dtype(c10::kCPU) == c10::ScalarType::Undefined);
+  CHECK(ampkit::autocast_nesting_depth() == 0);
+  CHECK(key_included() == inc0);
+  CHECK(key_excluded() == exc0);
+  CHECK(at::autocast::is_autocast_enabled(c10::kCPU));
+  at::autocast::set_autocast_enabled(c10::kCPU, false);
+  CHECK(torch::mm(a, b).scalar_type() == at::kFloat);
+}
+
+TEST_CASE("a throw inside a guard restores the state", "[autocast]") {
+  const bool inc0 = key_included(), exc0 = key_excluded();
+  try {
+    AutocastGuard outer(c10::kCPU, at::kBFloat16);
+    AutocastGuard inner(c10::kCPU, at::kHalf);
+    throw std::runtime_error("boom");
+  } catch (const std::runtime_error&) {
+  }
+  CHECK(ampkit::autocast_nesting_depth() == 0);
+  CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
+  CHECK(key_included() == inc0);
+  CHECK(key_excluded() == exc0);
+  CHECK(ampkit::autocast_cache_size() == 0);
+  CHECK(torch::mm(torch::randn({2, 2}), torch::randn({2, 2})).scalar_type() == at::kFloat);
+}
+
+TEST_CASE("bad guard arguments are refused and change nothing", "[autocast]") {
+  CHECK_THAT(error_of([] { AutocastGuard g(c10::kCPU, at::kFloat); }),
+             Contains("expected dtype torch.float16 or torch.bfloat16, got torch.float32"));
+  CHECK_THAT(error_of([] { AutocastGuard g(c10::kCPU, at::kDouble); }), Contains("got torch.float64"));
+  CHECK_THAT(error_of([] { AutocastGuard g(c10::kMeta, at::kHalf); }),
+             Contains("expected device_type 'cpu' or 'cuda'") && Contains("got 'meta'"));
+  CHECK(ampkit::autocast_nesting_depth() == 0);
+  CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
+}
+
+TEST_CASE("regions must be left innermost first", "[autocast]") {
+  auto outer = ampkit::detail::enter_autocast(c10::kCPU, at::kBFloat16, true, true);
+  auto inner = ampkit::detail::enter_autocast(c10::kCPU, at::kHalf, true, true);
+  CHECK_THAT(error_of([&] { ampkit::detail::exit_autocast(outer); }),
+             Contains("expected to leave the innermost autocast region of this thread (depth 2), got a region of depth 1"));
+  CHECK(ampkit::get_autocast_dtype(c10::kCPU) == at::kHalf); // unchanged by the refused exit
+  ampkit::detail::exit_autocast(inner);
+  ampkit::detail::exit_autocast(outer);
+  CHECK(ampkit::autocast_nesting_depth() == 0);
+}
+
+TEST_CASE("the default dtype is torch's autocast dtype of the device", "[autocast]") {
+  AutocastGuard cpu(c10::kCPU);
+  CHECK(ampkit::get_autocast_dtype(c10::kCPU) == at::kBFloat16);
+  AutocastGuard cuda(c10::kCUDA);
+  CHECK(ampkit::get_autocast_dtype(c10::kCUDA) == at::kHalf);
+}
+
+TEST_CASE("guards are thread-local: two threads with different guards at once", "[autocast]") {
+  auto a = torch::randn({16, 16}), b = torch::randn({16, 16});
+  const auto want_bf16 = torch::mm(a.to(at::kBFloat16), b.to(at::kBFloat16));
+  const auto want_fp16 = torch::mm(a.to(at::kHalf), b.to(at::kHalf));
+  const auto want_fp32 = torch::mm(a, b);
+  std::atomic<int> ready{0};
+  std::atomic<int> failures{0};
+  auto worker = [&](std::optional<c10::ScalarType> dtype, const at::Tensor& want) {
+    std::optional<AutocastGuard> guard;
+    if (dtype) guard.emplace(c10::kCPU, *dtype);
+    ready++;
+    while (ready.load() < 3) std::this_thread::yield();
+    for (int i = 0; i < 200; ++i) {
+      if (!bitwise_equal(torch::mm(a, b), want)) failures++;
+    }
+  };
+  std::thread t1(worker, at::kBFloat16, want_bf16);
+  std::thread t2(worker, at::kHalf, want_fp16);
+  std::thread t3(worker, std::nullopt, want_fp32);
+  t1.join();
+  t2.join();
+  t3.join();
+  CHECK(failures.load() == 0);
+  CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU)); // nothing leaked into this thread
+}
+
+TEST_CASE("table edits take effect while guards are alive, alongside other threads", "[autocast]") {
+  ResetPoliciesOnExit reset;
+  auto x = torch::randn({8}, at::kBFloat16);
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0};
+  std::thread runner([&] {
+    AutocastGuard g(c10::kCPU);
+    while (!stop) {
+      const auto t = torch::relu(x).scalar_type();
+      if (t != at::kFloat && t != at::kBFloat16) bad++;
+    }
+  });
+  AutocastGuard g(c10::kCPU);
+  for (int i = 0; i < 200; ++i) {
+    ampkit::set_policy(c10::kCPU, "aten::relu", CastPolicy::fp32);
+    CHECK(torch::relu(x).scalar_type() == at::kFloat);
+    ampkit::remove_policy(c10::kCPU, "aten::relu");
+    CHECK(torch::relu(x).scalar_type() == at::kBFloat16);
+  }
+  stop = true;
+  runner.join();
+  CHECK(bad.load() == 0);
+}
+
+TEST_CASE("a custom operator gets a policy at run time", "[autocast]") {
+  ResetPoliciesOnExit reset;
+  auto x = torch::randn({8});
+  auto low = x.to(at::kBFloat16);
+  {
+    AutocastGuard g(c10::kCPU);
+    CHECK(call_scale2(x).scalar_type() == at::kFloat); // no entry yet
+  }
+  ampkit::set_policy(c10::kCPU, "ampkit_test::scale2", CastPolicy::lower_precision_fp);
+  {
+    AutocastGuard g(c10::kCPU);
+    CHECK(bitwise_equal(call_scale2(x), low * 2));
+  }
+  ampkit::set_policy(c10::kCPU, "ampkit_test::scale2", CastPolicy::fp32);
+  {
+    AutocastGuard g(c10::kCPU);
+    CHECK(bitwise_equal(call_scale2(low), low.to(at::kFloat) * 2));
+  }
+  CHECK(call_scale2(low).scalar_type() == at::kBFloat16); // outside the guard
+}
+
+TEST_CASE("grads reach fp32 leaves in fp32", "[autocast]") {
+  auto w = torch::randn({8, 8}, torch::requires_grad());
+  auto x = torch::randn({4, 8});
+  at::Tensor y;
+  {
+    AutocastGuard g(c10::kCPU);
+    y = torch::mm(x, w);
+    CHECK(y.scalar_type() == at::kBFloat16);
+  }
+  y.to(at::kFloat).sum().backward();
+  REQUIRE(w.grad().defined());
+  CHECK(w.grad().scalar_type() == at::kFloat);
+  // The same as autograd through a hand-made cast.
+  auto w2 = w.detach().clone().requires_grad_();
+  torch::mm(x.to(at::kBFloat16), w2.to(at::kBFloat16)).to(at::kFloat).sum().backward();
+  CHECK(bitwise_equal(w.grad(), w2.grad()));
+}
+
+TEST_CASE("the weight cache: once per region, cleared on exit, no growth", "[autocast]") {
+  auto w = torch::randn({8, 8}, torch::requires_grad());
+  auto x = torch::randn({4, 8});
+  SECTION("a weight is cast once per region, across forward and backward") {
+    at::Tensor y1, y2;
+    {
+      AutocastGuard g(c10::kCPU);
+      y1 = torch::mm(x, w);
+      y2 = torch::mm(x, w);
+      CHECK(ampkit::autocast_cache_size() == 1);
+      // Both products hang off the same cast node of w.
+      auto cast1 = y1.grad_fn()->next_edges().at(1).function;
+      auto cast2 = y2.grad_fn()->next_edges().at(1).function;
+      CHECK(cast1.get() == cast2.get());
+      // Inputs that are not leaf weights are not cached.
+      auto h = torch::mm(torch::mm(x, w), w.t());
+      CHECK(ampkit::autocast_cache_size() == 1); // w.t() is a view: cast anew, not cached
+      (void)h;
+    }
+    CHECK(ampkit::autocast_cache_size() == 0);
+    (y1 + y2).to(at::kFloat).sum().backward();
+    CHECK(w.grad().scalar_type() == at::kFloat);
+  }
+  SECTION("nested regions share the cache until the outermost exits") {
+    AutocastGuard outer(c10::kCPU);
+    torch::mm(x, w);
+    {
+      AutocastGuard inner(c10::kCPU);
+      torch::mm(x, w);
+      CHECK(ampkit::autocast_cache_size() == 1);
+    }
+    CHECK(ampkit::autocast_cache_size() == 1);
+  }
+  SECTION("cache_enabled=false caches nothing") {
+    AutocastGuard g(c10::kCPU, at::kBFloat16, true, /*cache_enabled=*/false);
+    torch::mm(x, w);
+    CHECK(ampkit::autocast_cache_size() == 0);
+  }
+  SECTION("no growth over 1000 iterations") {
+    std::size_t peak = 0;
+    for (int i = 0; i < 1000; ++i) {
+      AutocastGuard g(c10::kCPU);
+      auto y = torch::mm(x, w);
+      peak = std::max(peak, ampkit::autocast_cache_size());
+      y.to(at::kFloat).sum().backward();
+    }
+    CHECK(peak == 1);
+    CHECK(ampkit::autocast_cache_size() == 0);
+  }
+}

@@ -1,0 +1,150 @@
+#include "test_helpers.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <set>
+
+using ampkit::CastPolicy;
+using ampkit_test::error_of;
+using ampkit_test::ResetPoliciesOnExit;
+using Catch::Matchers::Contains;
+
+namespace {
+
+std::set<std::string> ops_with_kernel_for(c10::DispatchKey key) {
+  std::set<std::string> out;
+  for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
+    auto op = c10::Dispatcher::singleton().findOp(name);
+    if (op && op->hasKernelForDispatchKey(key)) {
+      out.insert(name.overload_name.empty() ? name.name : name.name + "." + name.overload_name);
+    }
+  }
+  return out;
+}
+
+std::set<std::string> keys_of(const ampkit::PolicyMap& m) {
+  std::set<std::string> out;
+  for (const auto& [k, v] : m) out.insert(k);
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("default tables list exactly the ops torch's own autocast registers", "[cast_policy]") {
+  SECTION("cpu") {
+    CHECK(keys_of(ampkit::default_policies(c10::kCPU)) == ops_with_kernel_for(c10::DispatchKey::AutocastCPU));
+  }
+  SECTION("cuda") {
+    CHECK(keys_of(ampkit::default_policies(c10::kCUDA)) == ops_with_kernel_for(c10::DispatchKey::AutocastCUDA));
+  }
+  SECTION("policies of well-known ops") {
+    CHECK(ampkit::get_policy(c10::kCPU, "aten::mm") == CastPolicy::lower_precision_fp);
+    CHECK(ampkit::get_policy(c10::kCPU, "aten::mse_loss") == CastPolicy::fp32);
+    CHECK(ampkit::get_policy(c10::kCPU, "aten::cat") == CastPolicy::promote);
+    CHECK(ampkit::get_policy(c10::kCUDA, "aten::softmax.int") == CastPolicy::fp32_set_opt_dtype);
+    CHECK(ampkit::get_policy(c10::kCUDA, "aten::norm.Scalar") == CastPolicy::fp32_append_dtype);
+    CHECK(ampkit::get_policy(c10::kCUDA, "aten::binary_cross_entropy") == CastPolicy::banned);
+    CHECK(ampkit::get_policy(c10::kCUDA, "aten::pow.Tensor_Scalar") == CastPolicy::fp32);
+    CHECK_FALSE(ampkit::get_policy(c10::kCPU, "aten::relu").has_value());
+  }
+  SECTION("the live tables start as the defaults") {
+    CHECK(ampkit::list_policies(c10::kCPU) == ampkit::default_policies(c10::kCPU));
+    CHECK(ampkit::list_policies(c10::kCUDA) == ampkit::default_policies(c10::kCUDA));
+  }
+}
+
+TEST_CASE("policy names round-trip", "[cast_policy]") {
+  for (auto p : ampkit::all_cast_policies()) CHECK(ampkit::cast_policy_from_string(ampkit::to_string(p)) == p);
+  CHECK(ampkit::all_cast_policies().size() == 6);
+  CHECK_THAT(error_of([] { ampkit::cast_policy_from_string("fp64"); }),
+             Contains("expected a cast policy name") && Contains("got 'fp64'"));
+}
+
+TEST_CASE("tables are edited at run time", "[cast_policy]") {
+  ResetPoliciesOnExit reset;
+  ampkit::set_policy(c10::kCPU, "aten::relu", CastPolicy::fp32);
+  CHECK(ampkit::get_policy(c10::kCPU, "aten::relu") == CastPolicy::fp32);
+  CHECK_FALSE(ampkit::get_policy(c10::kCUDA, "aten::relu").has_value());
+  CHECK(ampkit::list_policies(c10::kCPU).at("aten::relu") == CastPolicy::fp32);
+
+  ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32);
+  CHECK(ampkit::get_policy(c10::kCPU, "aten::mm") == CastPolicy::fp32);
+
+  CHECK(ampkit::remove_policy(c10::kCPU, "aten::relu"));
+  CHECK_FALSE(ampkit::remove_policy(c10::kCPU, "aten::relu"));
+  CHECK_FALSE(ampkit::get_policy(c10::kCPU, "aten::relu").has_value());
+
+  ampkit::reset_policies(c10::kCPU);
+  CHECK(ampkit::list_policies(c10::kCPU) == ampkit::default_policies(c10::kCPU));
+
+  ampkit::set_policy(c10::kCUDA, "aten::mm", CastPolicy::fp32);
+  ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32);
+  ampkit::reset_policies();
+  CHECK(ampkit::list_policies(c10::kCPU) == ampkit::default_policies(c10::kCPU));
+  CHECK(ampkit::list_policies(c10::kCUDA) == ampkit::default_policies(c10::kCUDA));
+}
+
+TEST_CASE("refused edits name the problem and leave the table unchanged", "[cast_policy]") {
+  ResetPoliciesOnExit reset;
+  ampkit::set_policy(c10::kCPU, "aten::relu", CastPolicy::fp32);
+  const auto before_cpu = ampkit::list_policies(c10::kCPU);
+  const auto before_cuda = ampkit::list_policies(c10::kCUDA);
+
+  SECTION("malformed names") {
+    for (const char* bad : {"mm", "aten::", "::mm", "aten:mm", "aten::mm.", "aten::mm.a.b", "aten::m m", ""}) {
+      INFO(bad);
+      CHECK_THAT(error_of([&] { ampkit::set_policy(c10::kCPU, bad, CastPolicy::fp32); }),
+                 Contains("expected op as 'namespace::name'") && Contains(std::string("got '") + bad + "'"));
+      CHECK_THAT(error_of([&] { ampkit::get_policy(c10::kCPU, bad); }), Contains("expected op as"));
+      CHECK_THAT(error_of([&] { ampkit::remove_policy(c10::kCPU, bad); }), Contains("expected op as"));
+    }
+  }
+  SECTION("unknown operators") {
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::no_such_op", CastPolicy::fp32); }),
+               Contains("expected an operator registered with the PyTorch dispatcher, got 'aten::no_such_op'"));
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "nons::thing", CastPolicy::fp32); }),
+               Contains("got 'nons::thing'"));
+    // An overloaded name without its overload lists the overloads.
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::pow", CastPolicy::fp32); }),
+               Contains("aten::pow.Tensor_Scalar"));
+    CHECK_THAT(error_of([] { ampkit::remove_policy(c10::kCPU, "aten::no_such_op"); }),
+               Contains("got 'aten::no_such_op'"));
+  }
+  SECTION("in-place and out= operators") {
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::add_.Tensor", CastPolicy::fp32); }),
+               Contains("expected an out-of-place operator, got 'aten::add_.Tensor'") && Contains("'self'"));
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::mm.out", CastPolicy::lower_precision_fp); }),
+               Contains("got 'aten::mm.out'") && Contains("'out' is mutable"));
+  }
+  SECTION("operators without tensor arguments") {
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::scalar_tensor", CastPolicy::fp32); }),
+               Contains("expected an operator with a Tensor") && Contains("'aten::scalar_tensor'"));
+  }
+  SECTION("policies that do not fit the schema") {
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32_set_opt_dtype); }),
+               Contains("fp32_set_opt_dtype expects") && Contains("'aten::mm'"));
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32_append_dtype); }),
+               Contains("fp32_append_dtype expects an overload of 'aten::mm'"));
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::mm", static_cast<CastPolicy>(42)); }),
+               Contains("expected a CastPolicy, got the value 42"));
+  }
+  SECTION("device types without a table") {
+    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kMeta, "aten::mm", CastPolicy::fp32); }),
+               Contains("expected device_type 'cpu' or 'cuda'") && Contains("got 'meta'"));
+    CHECK_THAT(error_of([] { ampkit::list_policies(c10::kXLA); }), Contains("got 'xla'"));
+    CHECK_THAT(error_of([] { ampkit::reset_policies(c10::kMPS); }), Contains("got 'mps'"));
+    CHECK_FALSE(ampkit::has_policy_table(c10::kMeta));
+  }
+  CHECK(ampkit::list_policies(c10::kCPU) == before_cpu);
+  CHECK(ampkit::list_policies(c10::kCUDA) == before_cuda);
+}
+
+TEST_CASE("policies that fit: dtype overloads are found", "[cast_policy]") {
+  ResetPoliciesOnExit reset;
+  ampkit::set_policy(c10::kCPU, "aten::norm.Scalar", CastPolicy::fp32_append_dtype);
+  ampkit::set_policy(c10::kCPU, "aten::norm.ScalarOpt_dim", CastPolicy::fp32_append_dtype);
+  ampkit::set_policy(c10::kCPU, "aten::sum", CastPolicy::fp32_set_opt_dtype);
+  ampkit::set_policy(c10::kCPU, "aten::softmax.int", CastPolicy::fp32_set_opt_dtype);
+  CHECK(ampkit::get_policy(c10::kCPU, "aten::norm.Scalar") == CastPolicy::fp32_append_dtype);
+  CHECK(ampkit::get_policy(c10::kCPU, "aten::sum") == CastPolicy::fp32_set_opt_dtype);
+}
