@@ -42,7 +42,7 @@ class CMakeBuild(build_ext):
         cmake_args = [
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('AMPKIT_BUILD_TYPE', 'Release')}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
+            f"-DAMPKIT_PYTHON_OUTPUT_DIR={extdir}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             "-DAMPKIT_BUILD_PYTHON=ON",
             f"-DAMPKIT_BUILD_TESTS={'ON' if extras else 'OFF'}",

@@ -2,6 +2,8 @@
 
 #include <ampkit/autocast.h>
 
+#include <ATen/autocast_mode.h>
+
 #include <pybind11/stl.h>
 
 #include <optional>
@@ -53,6 +55,10 @@ void bind_autocast(py::module_& m) {
         detail::check_autocast_arguments(parse_device_type(device_type), dtype);
       },
       py::arg("device_type"), py::arg("dtype"), "Raises ValueError for arguments ampkit.autocast does not accept.");
+  m.def(
+      "default_autocast_dtype",
+      [](const std::string& t) { return at::autocast::get_autocast_dtype(parse_device_type(t)); },
+      py::arg("device_type"), "torch's autocast dtype of device_type, which a region with dtype=None uses.");
   m.def(
       "is_autocast_enabled", [](const std::string& t) { return is_autocast_enabled(parse_device_type(t)); },
       py::arg("device_type"), "Whether ampkit's autocast is on for device_type on this thread.");

@@ -35,7 +35,7 @@ class autocast:
         if not isinstance(device_type, str):
             raise ValueError(f"ampkit.autocast: expected device_type of type str, got {type(device_type).__name__}")
         if dtype is None:
-            dtype = torch.get_autocast_dtype(device_type)
+            dtype = _C.default_autocast_dtype(device_type)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"ampkit.autocast: expected dtype to be a torch.dtype or None, got {dtype!r}")
         if not isinstance(enabled, bool):

@@ -1,0 +1,92 @@
+"""The cast-policy tables from Python: defaults equal torch's lists; edits take effect at once."""
+import pytest
+import torch
+
+import ampkit
+from ampkit import CastPolicy
+
+DISPATCH_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_default_tables_equal_torch_registrations(device):
+    names = torch._C._dispatch_get_all_op_names()
+    torch_ops = {n for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, DISPATCH_KEYS[device])}
+    assert set(ampkit.default_policies(device)) == torch_ops
+    assert ampkit.list_policies(device) == ampkit.default_policies(device)
+
+
+def test_get_set_remove_reset():
+    assert ampkit.get_policy("aten::mm", "cpu") == CastPolicy.LOWER_PRECISION_FP
+    assert ampkit.get_policy("aten::relu", "cpu") is None
+    ampkit.set_policy("aten::relu", CastPolicy.FP32, "cpu")
+    ampkit.set_policy("aten::gelu", "lower_precision_fp", "cpu")  # names are accepted too
+    assert ampkit.list_policies("cpu")["aten::relu"] == CastPolicy.FP32
+    assert ampkit.get_policy("aten::gelu", "cpu") == CastPolicy.LOWER_PRECISION_FP
+    assert ampkit.get_policy("aten::relu", "cuda") is None
+    assert ampkit.remove_policy("aten::relu", "cpu") is True
+    assert ampkit.remove_policy("aten::relu", "cpu") is False
+    ampkit.reset_policies("cpu")
+    assert ampkit.list_policies("cpu") == ampkit.default_policies("cpu")
+
+
+def test_edits_take_effect():
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    x = torch.randn(8, dtype=torch.bfloat16)
+    with ampkit.autocast("cpu"):
+        assert torch.relu(x).dtype == torch.bfloat16
+        ampkit.set_policy("aten::relu", "fp32", "cpu")
+        out = torch.relu(x)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, torch.relu(x.float()))
+        ampkit.remove_policy("aten::mm", "cpu")
+        assert torch.mm(a, b).dtype == torch.float32
+        ampkit.set_policy("aten::softmax.int", "fp32_set_opt_dtype", "cpu")
+        assert torch.softmax(x, 0).dtype == torch.float32
+        ampkit.set_policy("aten::addcmul", "promote", "cpu")
+        assert torch.addcmul(x, x, torch.randn(8)).dtype == torch.float32
+    with torch.autocast("cpu"):  # torch's own autocast is not affected by ampkit's table
+        assert torch.mm(a, b).dtype == torch.bfloat16
+
+
+def test_custom_op_gets_a_policy():
+    lib = torch.library.Library("ampkit_pytest", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.impl("twice", lambda x: x * 2, "CompositeImplicitAutograd")
+    x = torch.randn(4)
+    with ampkit.autocast("cpu"):
+        assert torch.ops.ampkit_pytest.twice(x).dtype == torch.float32
+    ampkit.set_policy("ampkit_pytest::twice", "lower_precision_fp", "cpu")
+    with ampkit.autocast("cpu"):
+        out = torch.ops.ampkit_pytest.twice(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, x.bfloat16() * 2)
+
+
+@pytest.mark.parametrize(
+    "op,policy,device,exc,message",
+    [
+        ("mm", "fp32", "cpu", ValueError, "expected op as 'namespace::name'"),
+        ("aten::mm.", "fp32", "cpu", ValueError, "got 'aten::mm.'"),
+        ("aten::no_such_op", "fp32", "cpu", ValueError, "registered with the PyTorch dispatcher, got 'aten::no_such_op'"),
+        ("aten::pow", "fp32", "cpu", ValueError, "aten::pow.Tensor_Scalar"),
+        ("aten::add_.Tensor", "fp32", "cpu", ValueError, "expected an out-of-place operator"),
+        ("aten::mm.out", "fp32", "cpu", ValueError, "'out' is mutable"),
+        ("aten::scalar_tensor", "fp32", "cpu", ValueError, "expected an operator with a Tensor"),
+        ("aten::mm", "fp32_set_opt_dtype", "cpu", ValueError, "fp32_set_opt_dtype expects"),
+        ("aten::mm", "fp32_append_dtype", "cpu", ValueError, "fp32_append_dtype expects"),
+        ("aten::mm", "fp64", "cpu", ValueError, "expected policy to be an ampkit.CastPolicy"),
+        ("aten::mm", "fp32", "meta", ValueError, "expected device_type 'cpu' or 'cuda'"),
+        ("aten::mm", "fp32", "gpu0", ValueError, "expected device_type to be a device type string"),
+    ],
+)
+def test_refused_edits_leave_tables_unchanged(op, policy, device, exc, message):
+    before = {d: ampkit.list_policies(d) for d in ("cpu", "cuda")}
+    with pytest.raises(exc, match=message.replace("(", r"\(").replace(".", r"\.")):
+        ampkit.set_policy(op, policy, device)
+    assert {d: ampkit.list_policies(d) for d in ("cpu", "cuda")} == before
+
+
+def test_policy_enum_members():
+    assert set(CastPolicy.__members__) == {
+        "LOWER_PRECISION_FP", "FP32", "FP32_SET_OPT_DTYPE", "FP32_APPEND_DTYPE", "PROMOTE", "BANNED"}
