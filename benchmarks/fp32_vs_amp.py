@@ -1,0 +1,380 @@
+"""FP32 vs AMP: speed, memory and accuracy of real small training workloads.
+
+Trains an MLP, a Transformer encoder block (attention + MLP + LayerNorm) and a small CNN with the
+same seed and data in every mode, interleaving the modes in chunks so that the machine's noise
+hits them alike, and reports per model and mode: median step time (p10/p90), throughput,
+speedup over fp32, ratio to torch's own AMP, peak memory, final loss and its relative
+difference from fp32, and skipped steps.
+
+Modes: fp32 (strict on CUDA: TF32 off), tf32 (CUDA only), ampkit-bf16, ampkit-fp16 (with
+ampkit.GradScaler), torch-bf16, torch-fp16 (torch.autocast + torch.amp.GradScaler).
+
+    python benchmarks/fp32_vs_amp.py [--device cpu|cuda] [--models mlp,transformer,cnn]
+        [--modes ...] [--steps N] [--warmup N] [--json PATH] [--plot PATH]
+"""
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ampkit
+
+ALL_MODES = ["fp32", "tf32", "ampkit-bf16", "ampkit-fp16", "torch-bf16", "torch-fp16"]
+
+
+# ----------------------------------------------------------------------------- workloads
+class MLP(nn.Module):
+    def __init__(self, d_in, hidden, classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm Transformer encoder block with a classification head."""
+
+    def __init__(self, d_model, heads, d_ff, classes):
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(d_model, heads, d_ff, dropout=0.0, batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.block(x)).mean(1))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, width, classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(4 * width, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+# Sizes: on the CPU the defaults finish in about two minutes on 2 cores; on CUDA they fill a GPU.
+SIZES = {
+    "cpu": {"mlp": dict(batch=256, d_in=1024, hidden=2048), "transformer": dict(batch=8, seq=128, d_model=512,
+            heads=8, d_ff=2048), "cnn": dict(batch=32, width=32, image=32)},
+    "cuda": {"mlp": dict(batch=8192, d_in=4096, hidden=8192), "transformer": dict(batch=64, seq=1024,
+             d_model=2048, heads=16, d_ff=8192), "cnn": dict(batch=512, width=128, image=64)},
+}
+CLASSES = 16
+
+
+def make_workload(name, device, batches=8):
+    """(model builder, list of (x, y) batches): the data is fixed by the seed, labels come from a
+    fixed random teacher so that the task is learnable."""
+    s = SIZES[device][name]
+    g = torch.Generator().manual_seed(1234)
+    if name == "mlp":
+        xs = [torch.randn(s["batch"], s["d_in"], generator=g) for _ in range(batches)]
+        teacher = torch.randn(s["d_in"], CLASSES, generator=g)
+        ys = [(x @ teacher).argmax(1) for x in xs]
+        build = lambda: MLP(s["d_in"], s["hidden"], CLASSES)  # noqa: E731
+    elif name == "transformer":
+        xs = [torch.randn(s["batch"], s["seq"], s["d_model"], generator=g) for _ in range(batches)]
+        teacher = torch.randn(s["d_model"], CLASSES, generator=g)
+        ys = [(x.mean(1) @ teacher).argmax(1) for x in xs]
+        build = lambda: EncoderBlock(s["d_model"], s["heads"], s["d_ff"], CLASSES)  # noqa: E731
+    elif name == "cnn":
+        xs = [torch.randn(s["batch"], 3, s["image"], s["image"], generator=g) for _ in range(batches)]
+        teacher = torch.randn(3, CLASSES, generator=g)
+        ys = [(x.mean((2, 3)) @ teacher).argmax(1) for x in xs]
+        build = lambda: SmallCNN(s["width"], CLASSES)  # noqa: E731
+    else:
+        raise ValueError(f"--models: expected names among mlp, transformer, cnn, got {name!r}")
+    data = [(x.to(device), y.to(device)) for x, y in zip(xs, ys)]
+    return build, data, s["batch"]
+
+
+# ----------------------------------------------------------------------------- one mode
+class Run:
+    """One model trained in one mode; step() advances it by one optimizer step."""
+
+    def __init__(self, model_name, mode, device, seed):
+        self.model_name, self.mode, self.device = model_name, mode, device
+        build, self.data, self.batch = make_workload(model_name, device)
+        torch.manual_seed(seed)
+        self.model = build().to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-4, fused=True)
+        family, _, precision = mode.partition("-")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if family == "ampkit":
+            self.ctx = lambda: ampkit.autocast(device, dtype=dtype)
+            self.scaler = ampkit.GradScaler(device) if dtype == torch.float16 else None
+        elif family == "torch":
+            self.ctx = lambda: torch.autocast(device, dtype=dtype)
+            self.scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
+        else:
+            self.ctx, self.scaler = contextlib.nullcontext, None
+        self.tf32 = mode == "tf32"
+        self.steps = 0
+        self.times_ms = []
+        self.losses = []
+        self.peak_mem_mb = 0.0
+
+    def step(self):
+        x, y = self.data[self.steps % len(self.data)]
+        with self.ctx():
+            loss = F.cross_entropy(self.model(x), y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        return loss.detach()
+
+    def skipped_steps(self):
+        # Fused AdamW leaves its step counter alone on a skipped step (torch's and ampkit's scalers alike).
+        state = self.opt.state[next(iter(self.model.parameters()))]
+        return self.steps - int(state["step"]) if "step" in state else self.steps
+
+
+# ----------------------------------------------------------------------------- measurement
+def set_tf32(on):
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def rss_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss():
+    """Returns freed heap to the OS and resets VmHWM (Linux >= 4.0), so that each chunk's peak
+    RSS is its own rather than hidden by memory that an earlier mode freed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_chunk(run, n, warmup, device):
+    """n steps of one mode; times (after warm-up) and losses are recorded."""
+    if device == "cuda":
+        set_tf32(run.tf32)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        events = []
+        for _ in range(n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = run.step()
+            end.record()
+            events.append((start, end, loss))
+        torch.cuda.synchronize()
+        for start, end, loss in events:
+            if len(run.losses) >= warmup:
+                run.times_ms.append(start.elapsed_time(end))
+            run.losses.append(float(loss))
+        run.peak_mem_mb = max(run.peak_mem_mb, (torch.cuda.max_memory_allocated() - base) / 2**20)
+    else:
+        base = rss_mb("VmRSS")
+        reset_peak_rss()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            loss = run.step()
+            dt = (time.perf_counter() - t0) * 1e3
+            if len(run.losses) >= warmup:
+                run.times_ms.append(dt)
+            run.losses.append(float(loss))
+        run.peak_mem_mb = max(run.peak_mem_mb, rss_mb("VmHWM") - base)
+
+
+def percentile(values, q):
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+class Progress:
+    def __init__(self, total, label):
+        self.total, self.done, self.label, self.t0 = total, 0, label, time.time()
+
+    def advance(self, what):
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / self.total)
+        eta = (time.time() - self.t0) / self.done * (self.total - self.done)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{what:<28s} eta {eta:4.0f}s")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def benchmark(device, models, modes, steps, warmup, chunk, seed):
+    results = []
+    for model_name in models:
+        runs = [Run(model_name, mode, device, seed) for mode in modes]
+        total = steps + warmup
+        chunks = math.ceil(total / chunk)
+        progress = Progress(chunks * len(runs), f"{model_name:12s}")
+        for c in range(chunks):
+            n = min(chunk, total - c * chunk)
+            order = runs[c % len(runs):] + runs[: c % len(runs)]  # rotate who goes first
+            for run in order:
+                run_chunk(run, n, warmup, device)
+                progress.advance(run.mode)
+        base = next((r for r in runs if r.mode == "fp32"), None)
+        final = {r.mode: statistics.mean(r.losses[-max(1, min(5, len(r.losses))):]) for r in runs}
+        medians = {r.mode: statistics.median(r.times_ms) for r in runs}
+        for r in runs:
+            med = medians[r.mode]
+            peer = r.mode.replace("ampkit-", "torch-") if r.mode.startswith("ampkit-") else None
+            results.append({
+                "model": model_name,
+                "mode": r.mode,
+                "step_ms": med,
+                "p10_ms": percentile(r.times_ms, 0.1),
+                "p90_ms": percentile(r.times_ms, 0.9),
+                "throughput_per_s": r.batch / med * 1e3,
+                "speedup_vs_fp32": medians["fp32"] / med if base else None,
+                "ratio_vs_torch": med / medians[peer] if peer in medians else None,
+                "peak_mem_mb": r.peak_mem_mb,
+                "final_loss": final[r.mode],
+                "loss_rel_diff": abs(final[r.mode] - final["fp32"]) / abs(final["fp32"]) if base else None,
+                "skipped_steps": r.skipped_steps(),
+            })
+    return results
+
+
+def print_table(results, device):
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"\nFP32 vs AMP on {device} (torch {torch.__version__}); step time is the median after warm-up")
+    head = (f"{'model':12s} {'mode':12s} {'step ms':>9s} {'p10':>8s} {'p90':>8s} {'samples/s':>10s} "
+            f"{'vs fp32':>8s} {'vs torch':>9s} {'peak MB':>8s} {'loss':>8s} {'dloss':>7s} {'skip':>5s}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(f"{r['model']:12s} {r['mode']:12s} {r['step_ms']:9.2f} {r['p10_ms']:8.2f} {r['p90_ms']:8.2f} "
+              f"{r['throughput_per_s']:10.1f} {fmt(r['speedup_vs_fp32'], '7.2f')}x "
+              f"{fmt(r['ratio_vs_torch'], '8.3f') + 'x' if r['ratio_vs_torch'] else '-':>9s} {r['peak_mem_mb']:8.1f} {r['final_loss']:8.4f} "
+              f"{fmt(r['loss_rel_diff'], '7.2%')} {r['skipped_steps']:5d}")
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        rows = {r["model"]: r for r in results if r["mode"] == mode}
+        xs = [m + i * width for m in range(len(models))]
+        axes[0].bar(xs, [rows[m]["speedup_vs_fp32"] or 0 for m in models], width, label=mode)
+        axes[1].bar(xs, [rows[m]["peak_mem_mb"] for m in models], width, label=mode)
+    for ax, title in zip(axes, ["speedup over fp32 (higher is better)", "peak memory, MB (lower is better)"]):
+        ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], models)
+        ax.set_title(title)
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"ampkit FP32 vs AMP ({results and 'torch ' + torch.__version__})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default="mlp,transformer,cnn")
+    p.add_argument("--modes", default=None, help="comma list; default: all that apply to the device")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default: cpu 16, cuda 100)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode (default: cpu 3, cuda 10)")
+    p.add_argument("--chunk", type=int, default=None, help="steps per interleaved chunk (default: cpu 4, cuda 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG chart here")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in SIZES[args.device]:
+            p.error(f"--models: expected names among mlp, transformer, cnn, got {m!r}")
+    default_modes = [m for m in ALL_MODES if args.device == "cuda" or m != "tf32"]
+    modes = args.modes.split(",") if args.modes else default_modes
+    for m in modes:
+        if m not in ALL_MODES:
+            p.error(f"--modes: expected names among {', '.join(ALL_MODES)}, got {m!r}")
+        if m == "tf32" and args.device != "cuda":
+            p.error("--modes: tf32 needs --device cuda")
+    if "fp32" not in modes:
+        modes = ["fp32"] + modes  # the baseline every ratio is taken against
+    on_cuda = args.device == "cuda"
+    steps = args.steps if args.steps is not None else (100 if on_cuda else 16)
+    warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 3)
+    chunk = args.chunk if args.chunk is not None else (20 if on_cuda else 4)
+    if steps < 1 or warmup < 0 or chunk < 1:
+        p.error(f"expected --steps >= 1, --warmup >= 0, --chunk >= 1, got {steps}, {warmup}, {chunk}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed)
+    print_table(results, args.device)
+    meta = {"device": args.device, "torch": torch.__version__, "ampkit": ampkit.__version__,
+            "device_name": torch.cuda.get_device_name() if on_cuda else cpu_name(),
+            "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "results": results}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(meta, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return meta
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
