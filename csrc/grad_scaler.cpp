@@ -18,8 +18,29 @@ namespace {
 // option that ends up in them must fit.
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 
-// Everything but init_scale's place between the bounds: setters and loaded state dicts may move
-// the bounds past the initial scale, which only matters at construction.
+std::vector<at::Tensor> params_of(const torch::optim::Optimizer& optimizer) {
+  std::vector<at::Tensor> params;
+  for (const auto& group : optimizer.param_groups()) {
+    params.insert(params.end(), group.params().begin(), group.params().end());
+  }
+  return params;
+}
+
+// Sum of per-device found_inf tensors on \p device; nonzero iff any of them is.
+at::Tensor combine_found_infs(at::ArrayRef<at::Tensor> found_infs, const c10::Device& device) {
+  at::Tensor combined = found_infs[0].to(device, /*non_blocking=*/true);
+  for (size_t i = 1; i < found_infs.size(); ++i) {
+    combined = combined + found_infs[i].to(device, /*non_blocking=*/true);
+  }
+  return combined;
+}
+
+} // namespace
+
+void GradScalerOptions::validate() const { detail::validate_options(*this, /*check_init_scale=*/true); }
+
+namespace detail {
+
 void validate_options(const GradScalerOptions& o, bool check_init_scale) {
   TORCH_CHECK_VALUE(std::isfinite(o.growth_factor()) && o.growth_factor() > 1.0,
                     "GradScaler: expected growth_factor to be finite and > 1, got ", o.growth_factor());
@@ -42,28 +63,6 @@ void validate_options(const GradScalerOptions& o, bool check_init_scale) {
   }
 }
 
-std::vector<at::Tensor> params_of(const torch::optim::Optimizer& optimizer) {
-  std::vector<at::Tensor> params;
-  for (const auto& group : optimizer.param_groups()) {
-    params.insert(params.end(), group.params().begin(), group.params().end());
-  }
-  return params;
-}
-
-// Sum of per-device found_inf tensors on \p device; nonzero iff any of them is.
-at::Tensor combine_found_infs(at::ArrayRef<at::Tensor> found_infs, const c10::Device& device) {
-  at::Tensor combined = found_infs[0].to(device, /*non_blocking=*/true);
-  for (size_t i = 1; i < found_infs.size(); ++i) {
-    combined = combined + found_infs[i].to(device, /*non_blocking=*/true);
-  }
-  return combined;
-}
-
-} // namespace
-
-void GradScalerOptions::validate() const { validate_options(*this, /*check_init_scale=*/true); }
-
-namespace detail {
 
 at::Tensor reciprocal_scale(const at::Tensor& scale) {
   // float32 division can be inexact under some compile options; torch takes the reciprocal in
@@ -399,42 +398,42 @@ int64_t GradScaler::steps_applied() const { return steps_ - steps_skipped(); }
 void GradScaler::set_growth_factor(double v) {
   GradScalerOptions o = options_;
   o.growth_factor(v);
-  validate_options(o, false);
+  detail::validate_options(o, /*check_init_scale=*/false);
   options_ = o;
 }
 
 void GradScaler::set_backoff_factor(double v) {
   GradScalerOptions o = options_;
   o.backoff_factor(v);
-  validate_options(o, false);
+  detail::validate_options(o, /*check_init_scale=*/false);
   options_ = o;
 }
 
 void GradScaler::set_growth_interval(int64_t v) {
   GradScalerOptions o = options_;
   o.growth_interval(v);
-  validate_options(o, false);
+  detail::validate_options(o, /*check_init_scale=*/false);
   options_ = o;
 }
 
 void GradScaler::set_min_scale(double v) {
   GradScalerOptions o = options_;
   o.min_scale(v);
-  validate_options(o, false);
+  detail::validate_options(o, /*check_init_scale=*/false);
   options_ = o;
 }
 
 void GradScaler::set_max_scale(double v) {
   GradScalerOptions o = options_;
   o.max_scale(v);
-  validate_options(o, false);
+  detail::validate_options(o, /*check_init_scale=*/false);
   options_ = o;
 }
 
 void GradScaler::set_hysteresis(int64_t v) {
   GradScalerOptions o = options_;
   o.hysteresis(v);
-  validate_options(o, false);
+  detail::validate_options(o, /*check_init_scale=*/false);
   options_ = o;
   // A streak counted under the old hysteresis would cap or trigger wrongly under the new one.
   init_overflow_streak_ = 0;

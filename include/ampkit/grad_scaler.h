@@ -272,6 +272,10 @@ at::Tensor reciprocal_scale(const at::Tensor& scale);
 std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale,
                                        bool allow_fp16);
 
+/// GradScalerOptions::validate(), optionally without the check that init_scale lies within
+/// [min_scale, max_scale] (setters and loaded state dicts may move the bounds past it).
+void validate_options(const GradScalerOptions& options, bool check_init_scale);
+
 /// \p current with the options carried by \p state; throws c10::ValueError (naming the field)
 /// if any of them, the scale or a tracker is out of range.
 GradScalerOptions options_from_state(const GradScalerState& state, const GradScalerOptions& current);
