@@ -778,3 +778,31 @@ TEST_CASE("GradScaler: the sync-free path of a ScaleAwareOptimizer", "[grad_scal
   CHECK(scaler.steps_applied() == 4);
   CHECK(scaler.get_scale() == 128.0 * std::pow(2.0, 4) * 0.5);
 }
+
+TEST_CASE("GradScaler: grads on two devices (CUDA)", "[grad_scaler][cuda]") {
+  if (!torch::cuda::is_available()) {
+    WARN("no CUDA device: skipped");
+    return;
+  }
+  at::Tensor on_cuda = torch::ones({4}, torch::kCUDA).requires_grad_();
+  at::Tensor on_cpu = torch::ones({4}).requires_grad_();
+  torch::optim::SGD opt({on_cuda, on_cpu}, torch::optim::SGDOptions(1.0));
+  GradScaler scaler(GradScalerOptions().init_scale(256).growth_interval(1));
+  scaler.scale((on_cuda * 2).sum() + (on_cpu * 3).sum().to(torch::kCUDA)).backward();
+  scaler.unscale_(opt);
+  const auto found = scaler.found_inf_per_device(opt);
+  REQUIRE(found.size() == 2);
+  CHECK(found[0].device() != found[1].device());
+  CHECK(bitwise_equal(on_cpu.grad(), torch::full({4}, 3.0)));
+  CHECK(scaler.step(opt));
+  scaler.update();
+  CHECK(scaler.scale_tensor().is_cuda());
+  CHECK(scaler.get_scale() == 512);
+
+  opt.zero_grad();
+  scaler.scale((on_cuda * 2).sum() + (on_cpu * 3).sum().to(torch::kCUDA)).backward();
+  poison_grad(on_cpu); // an overflow on the CPU backs off the scale on CUDA
+  CHECK_FALSE(scaler.step(opt));
+  scaler.update();
+  CHECK(scaler.get_scale() == 256);
+}

@@ -11,7 +11,8 @@ import torch
 
 import ampkit
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TORCH_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 FLT_MIN = 1.1754943508222875e-38
 
@@ -562,3 +563,28 @@ def test_new_scale_shapes():
     assert amp.get_scale() == 8.0
     amp.update(torch.full((), 16.0, dtype=torch.float64))
     assert amp.get_scale() == 16.0
+
+
+@requires_cuda
+def test_grads_on_two_devices_match_torch():
+    # Params on CPU and CUDA under one optimizer: one found_inf per device, the scale on CUDA.
+    models = {k: [make_model(3, "cuda"), make_model(4, "cpu")] for k in ("ref", "amp")}
+    opts = {k: torch.optim.SGD([p for m in ms for p in m.parameters()], lr=0.1) for k, ms in models.items()}
+    scalers = {"ref": torch.amp.GradScaler("cuda", init_scale=256.0, growth_interval=1),
+               "amp": ampkit.GradScaler("cuda", init_scale=256.0, growth_interval=1)}
+    for it in range(5):
+        x = torch.randn(4, 8)
+        for k in ("ref", "amp"):
+            opts[k].zero_grad()
+            loss = models[k][0](x.cuda()).sum() + models[k][1](x).sum().cuda()
+            scalers[k].scale(loss).backward()
+            if it == 2:
+                next(models[k][1].parameters()).grad[0, 0] = math.nan  # on the CPU
+            scalers[k].unscale_(opts[k])
+            found = scalers[k]._found_inf_per_device(opts[k])
+            assert {d.type for d in found} == {"cpu", "cuda"}
+            scalers[k].step(opts[k])
+            scalers[k].update()
+        assert_scalers_equal(scalers["ref"], scalers["amp"])
+        for a, b in zip(models["ref"], models["amp"]):
+            assert_params_equal(a, b)
