@@ -134,7 +134,8 @@ enum class OptimizerStage { Ready, Unscaled, Stepped };
 /// State machine per optimizer, reset by update(): Ready --unscale_--> Unscaled --step-->
 /// Stepped (step() from Ready unscales first). Misuse throws c10::Error (RuntimeError in Python)
 /// with torch's wording; bad arguments throw c10::ValueError. A call that throws leaves the
-/// scaler as it was.
+/// scaler as it was, with one exception: if optimizer.step() itself throws inside step(), the
+/// grads stay unscaled and the optimizer stays Unscaled, so that a retry does not unscale twice.
 ///
 /// The scale (0-dim float32), the growth tracker (0-dim int32) and the overflow streak
 /// (0-dim int32) live on the device of the first tensor given to scale(); update() changes them
@@ -150,16 +151,17 @@ public:
   std::vector<at::Tensor> scale(at::ArrayRef<at::Tensor> outputs);
 
   /// Divides the grads of \p optimizer's parameters by the scale in place and records, per
-  /// device, whether any is inf/NaN. Optional: step() does it when it was not called. Throws on
-  /// fp16 grads (they would lose precision; keep fp32 master weights) and when called twice or
-  /// after step() before update(). Never synchronizes.
+  /// device, whether any is inf/NaN. Optional: step() does it when it was not called. Throws
+  /// c10::ValueError on fp16 grads (keep fp32 master weights, as torch requires) and c10::Error
+  /// when called twice or after step() before update(). Never synchronizes.
   void unscale_(torch::optim::Optimizer& optimizer);
 
   /// Unscales (unless unscale_() was called) and calls optimizer.step() unless a grad held
   /// inf/NaN. Returns whether the step ran; this costs one host synchronization, as in torch.
   /// For a ScaleAwareOptimizer it instead calls step_scaled() without synchronizing and returns
   /// true: the optimizer itself skips the update on the device when found_inf is set, and
-  /// last_step_skipped() tells whether it did.
+  /// last_step_skipped() tells whether it did. Disabled: calls optimizer.step(), returns true.
+  /// Throws if no parameter of \p optimizer has a gradient.
   bool step(torch::optim::Optimizer& optimizer);
 
   /// Backs off the scale if any optimizer stepped since the last update() found inf/NaN (after
