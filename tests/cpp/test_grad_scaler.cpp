@@ -319,6 +319,39 @@ TEST_CASE("GradScaler: gradient accumulation", "[grad_scaler]") {
   SECTION("Adam") { run_scaling_case(run, adam(), 1, 1); }
 }
 
+TEST_CASE("GradScaler: gradient penalty", "[grad_scaler]") {
+  const RunFn run = [](const std::vector<Batch>& data, Net& net, torch::optim::Optimizer& opt, GradScaler& scaler,
+                       int skip_iter, bool try_scaling_api) {
+    for (int i = 0; i < static_cast<int>(data.size()); ++i) {
+      opt.zero_grad();
+      const at::Tensor loss = loss_of(net, data[i]);
+      std::vector<at::Tensor> grads;
+      if (try_scaling_api) {
+        // Grads of the scaled loss, unscaled by hand (autograd.grad bypasses the optimizer).
+        const auto scaled = torch::autograd::grad({scaler.scale(loss)}, net.params, {}, true, true);
+        const double inv_scale = 1.0 / scaler.get_scale();
+        for (const auto& g : scaled) grads.push_back(g * inv_scale);
+      } else {
+        grads = torch::autograd::grad({loss}, net.params, {}, true, true);
+      }
+      at::Tensor norm = torch::zeros({});
+      for (const auto& g : grads) norm = norm + g.pow(2).sum();
+      const at::Tensor total = loss + norm.sqrt();
+      if (try_scaling_api) {
+        scaler.scale(total).backward();
+        if (i == skip_iter) poison_grad(net.params[1]);
+        scaler.step(opt);
+        scaler.update();
+      } else {
+        total.backward();
+        if (i != skip_iter) opt.step();
+      }
+    }
+  };
+  SECTION("SGD") { run_scaling_case(run, sgd(0.1), 3, 1); }
+  SECTION("Adam") { run_scaling_case(run, adam(), 3, 1); }
+}
+
 TEST_CASE("GradScaler: several models, optimizers and losses share one scaler", "[grad_scaler]") {
   const auto data = make_data(3);
   Net c0 = Net::make(11), c1 = Net::make(12);
