@@ -100,8 +100,13 @@ class GradScaler:
         max_scale: Optional[float] = None,
         hysteresis: int = 1,
     ) -> None:
-        if not isinstance(device, str):
-            raise ValueError(f"GradScaler: expected device to be a device type string such as 'cuda', got {device!r}")
+        try:
+            # "cuda:1" or torch.device("cuda") mean the device type, which is all a scaler keeps.
+            device = torch.device(device).type
+        except (TypeError, RuntimeError) as e:
+            raise ValueError(
+                f"GradScaler: expected device to be a device type string such as 'cuda' or 'cpu', got {device!r}"
+            ) from e
         if not isinstance(enabled, bool):
             raise ValueError(f"GradScaler: expected enabled to be a bool, got {enabled!r}")
         init_scale = _check_float("init_scale", init_scale)

@@ -399,11 +399,22 @@ def test_pickling_mirrors_torch():
         (dict(max_scale=1024.0), r"expected init_scale in \[min_scale, max_scale\]"),
         (dict(hysteresis=0), r"expected hysteresis in \[1, 2\*\*31 - 1\], got 0"),
         (dict(enabled="yes"), "expected enabled to be a bool, got 'yes'"),
+        (dict(device="gpu0"), "expected device to be a device type string such as 'cuda' or 'cpu', got 'gpu0'"),
+        (dict(device=3.5), "expected device to be a device type string"),
     ],
 )
 def test_bad_options_raise_value_error(kwargs, message):
+    kwargs = {"device": "cpu", **kwargs}
     with pytest.raises(ValueError, match=message):
-        ampkit.GradScaler("cpu", **kwargs)
+        ampkit.GradScaler(**kwargs)
+
+
+def test_device_may_be_a_torch_device_or_carry_an_index():
+    assert ampkit.GradScaler(torch.device("cpu"))._device == "cpu"
+    s = ampkit.GradScaler("cpu:0", init_scale=4.0)
+    s.scale(torch.ones(()))
+    s.update(torch.full((), 8.0))
+    assert s.get_scale() == 8.0
 
 
 def test_setters_validate():
