@@ -3,6 +3,8 @@
     import ampkit
     with ampkit.autocast("cpu", dtype=torch.bfloat16):
         loss = model(x).sum()
+
+    scaler = ampkit.GradScaler("cpu")  # torch.amp.GradScaler's API; see ampkit.GradScaler
 """
 import torch  # loads LibTorch, which ampkit._C links against
 
@@ -16,6 +18,7 @@ except ImportError as e:  # keep the cause: a missing symbol means a torch misma
     ) from e
 
 from ._autocast import autocast, is_autocast_enabled, get_autocast_dtype, autocast_cache_size, clear_autocast_cache
+from ._grad_scaler import GradScaler
 from ._cast_policy import (
     CastPolicy,
     get_policy,
@@ -41,4 +44,5 @@ __all__ = [
     "list_policies",
     "default_policies",
     "reset_policies",
+    "GradScaler",
 ]
