@@ -76,13 +76,16 @@ SIZES = {
     "cuda": {"mlp": dict(batch=8192, d_in=4096, hidden=8192), "transformer": dict(batch=64, seq=1024,
              d_model=2048, heads=16, d_ff=8192), "cnn": dict(batch=512, width=128, image=64)},
 }
+# --tiny: a smoke-test size that runs every mode in seconds anywhere.
+TINY = {"mlp": dict(batch=32, d_in=64, hidden=64), "transformer": dict(batch=4, seq=16, d_model=32, heads=4, d_ff=64),
+        "cnn": dict(batch=4, width=4, image=8)}
 CLASSES = 16
 
 
-def make_workload(name, device, batches=8):
+def make_workload(name, device, tiny=False, batches=8):
     """(model builder, list of (x, y) batches): the data is fixed by the seed, labels come from a
     fixed random teacher so that the task is learnable."""
-    s = SIZES[device][name]
+    s = TINY[name] if tiny else SIZES[device][name]
     g = torch.Generator().manual_seed(1234)
     if name == "mlp":
         xs = [torch.randn(s["batch"], s["d_in"], generator=g) for _ in range(batches)]
@@ -109,9 +112,9 @@ def make_workload(name, device, batches=8):
 class Run:
     """One model trained in one mode; step() advances it by one optimizer step."""
 
-    def __init__(self, model_name, mode, device, seed):
+    def __init__(self, model_name, mode, device, seed, tiny=False):
         self.model_name, self.mode, self.device = model_name, mode, device
-        build, self.data, self.batch = make_workload(model_name, device)
+        build, self.data, self.batch = make_workload(model_name, device, tiny)
         torch.manual_seed(seed)
         self.model = build().to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-4, fused=True)
@@ -236,10 +239,10 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def benchmark(device, models, modes, steps, warmup, chunk, seed):
+def benchmark(device, models, modes, steps, warmup, chunk, seed, tiny=False):
     results = []
     for model_name in models:
-        runs = [Run(model_name, mode, device, seed) for mode in modes]
+        runs = [Run(model_name, mode, device, seed, tiny) for mode in modes]
         total = steps + warmup
         chunks = math.ceil(total / chunk)
         progress = Progress(chunks * len(runs), f"{model_name:12s}")
@@ -322,6 +325,7 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=None, help="steps per interleaved chunk (default: cpu 4, cuda 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--tiny", action="store_true", help="tiny models: a smoke test of every mode in seconds")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG chart here")
     args = p.parse_args(argv)
@@ -352,11 +356,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed)
+    results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed, args.tiny)
     print_table(results, args.device)
     meta = {"device": args.device, "torch": torch.__version__, "ampkit": ampkit.__version__,
             "device_name": torch.cuda.get_device_name() if on_cuda else cpu_name(),
-            "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup, "results": results}
+            "threads": torch.get_num_threads(), "tiny": args.tiny, "steps": steps, "warmup": warmup, "results": results}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
