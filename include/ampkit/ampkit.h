@@ -5,3 +5,4 @@
 #include <ampkit/autocast.h>
 #include <ampkit/cast_policy.h>
 #include <ampkit/grad_scaler.h>
+#include <ampkit/optim.h>
