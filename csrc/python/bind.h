@@ -18,5 +18,6 @@ void bind_cast_policy(py::module_& m);
 void bind_autocast(py::module_& m);
 void bind_grad_scaler(py::module_& m);
 void bind_optim(py::module_& m);
+void bind_trainer(py::module_& m);
 
 } // namespace ampkit::python

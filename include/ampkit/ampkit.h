@@ -6,3 +6,4 @@
 #include <ampkit/cast_policy.h>
 #include <ampkit/grad_scaler.h>
 #include <ampkit/optim.h>
+#include <ampkit/trainer.h>
