@@ -498,9 +498,43 @@ void SGD::load(torch::serialize::InputArchive& archive) {
 
 namespace detail {
 
+void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& buf, const SGDHyper& h,
+                   bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf);
+
 void check_scale_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(!t.defined() || (t.numel() == 1 && t.scalar_type() == at::kFloat), "fused optimizer step: expected ",
                     name, " to be None/undefined or a 1-element float32 tensor, got ", describe(t));
+}
+
+// torch's CPU fused SGD kernel reads fp16/bf16 momentum buffers through a float pointer when
+// is_first_step is false (torch 2.13: garbage buffers, parameters not updated), so with momentum
+// those dtypes take this path: the kernel's arithmetic in float32 (its opmath type), the same
+// order of operations, and the skip applied with where() on the device instead of a sync.
+void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& buf, const SGDHyper& h,
+                   bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  at::Tensor g = grad.to(at::kFloat);
+  at::Tensor new_grad;
+  if (grad_scale.defined()) {
+    g = g / grad_scale;
+    new_grad = g.to(grad.scalar_type());
+  }
+  if (h.maximize) g = -g;
+  const at::Tensor p = param.to(at::kFloat);
+  if (h.weight_decay != 0) g = g + p * h.weight_decay;
+  at::Tensor b = is_first_step ? g : buf.to(at::kFloat) * h.momentum + g * (1 - h.dampening);
+  const at::Tensor b_low = b.to(buf.scalar_type());
+  g = h.nesterov ? g + b * h.momentum : b;
+  const at::Tensor p_low = (p - g * h.lr).to(param.scalar_type());
+  if (found_inf.defined()) {
+    const at::Tensor skip = found_inf.ne(0);
+    param.copy_(at::where(skip, param, p_low));
+    buf.copy_(at::where(skip, buf, b_low));
+    if (new_grad.defined()) grad.copy_(at::where(skip, grad, new_grad));
+  } else {
+    param.copy_(p_low);
+    buf.copy_(b_low);
+    if (new_grad.defined()) grad.copy_(new_grad);
+  }
 }
 
 bool found_inf_is_set(const at::Tensor& found_inf) {
@@ -570,6 +604,11 @@ void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mome
     const c10::Device device = params[idx[0]].device();
     const at::Tensor gs = per_device(scales, grad_scale, device, false);
     const at::Tensor fi = per_device(infs, found_inf, device, true);
+    const auto dtype = params[idx[0]].scalar_type();
+    if (device.is_cpu() && h.momentum != 0 && (dtype == at::kHalf || dtype == at::kBFloat16)) {
+      for (size_t i : idx) sgd_lowp_cpu_(params[i], grads[i], momentum_buffers[i], h, is_first_step, gs, fi);
+      continue;
+    }
     at::_fused_sgd_(pick(params, idx), pick(grads, idx), pick(momentum_buffers, idx), h.weight_decay, h.momentum, h.lr,
                     h.dampening, h.nesterov, h.maximize, is_first_step,
                     gs.defined() ? std::optional<at::Tensor>(gs) : std::nullopt,
