@@ -63,6 +63,14 @@ void check_has_params(const char* who, const std::vector<OptimizerParamGroup>& g
   TORCH_CHECK_VALUE(n > 0, who, ": expected at least one parameter, got an empty parameter list");
 }
 
+// torch 2.13's add_param_group replaces group options of types it does not know (ours) by a copy
+// of the defaults; put the caller's back (used as given: no field-by-field merge).
+void restore_group_options(std::vector<OptimizerParamGroup>& mine, const std::vector<OptimizerParamGroup>& given) {
+  for (size_t i = 0; i < given.size() && i < mine.size(); ++i) {
+    if (given[i].has_options()) mine[i].set_options(given[i].options().clone());
+  }
+}
+
 // The options of every group must be ours: torch::optim::Optimizer accepts any OptimizerOptions,
 // and a static_cast of torch::optim::AdamOptions to ampkit's would read garbage.
 template <class Options>
@@ -369,6 +377,7 @@ void FusedOptimizer::step_scaled(const at::Tensor& grad_scale, const at::Tensor&
 
 Adam::Adam(const std::vector<OptimizerParamGroup>& param_groups, AdamOptions defaults)
     : FusedOptimizer(param_groups, std::make_unique<AdamOptions>(defaults)) {
+  restore_group_options(param_groups_, param_groups);
   defaults.validate();
   check_has_params("Adam", param_groups_);
   check_groups();
@@ -390,6 +399,7 @@ void Adam::load(torch::serialize::InputArchive& archive) {
 
 AdamW::AdamW(const std::vector<OptimizerParamGroup>& param_groups, AdamWOptions defaults)
     : FusedOptimizer(param_groups, std::make_unique<AdamWOptions>(defaults)) {
+  restore_group_options(param_groups_, param_groups);
   defaults.validate();
   check_has_params("AdamW", param_groups_);
   check_groups();
@@ -413,6 +423,7 @@ void AdamW::load(torch::serialize::InputArchive& archive) {
 
 SGD::SGD(const std::vector<OptimizerParamGroup>& param_groups, SGDOptions defaults)
     : FusedOptimizer(param_groups, std::make_unique<SGDOptions>(defaults)) {
+  restore_group_options(param_groups_, param_groups);
   defaults.validate();
   check_has_params("SGD", param_groups_);
   check_groups();

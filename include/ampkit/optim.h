@@ -120,6 +120,11 @@ public:
 
 /// Base of the fused optimizers: the closure protocol of torch::optim and the
 /// ScaleAwareOptimizer hook through which GradScaler::step passes the scale and the inf flag.
+///
+/// Param groups: a group given with options of this optimizer's type keeps them exactly as given
+/// (torch::optim merges unset fields from the defaults only for its own option types); a group
+/// without options takes the defaults. Group options are checked at construction and before every
+/// step (an edited lr < 0 throws c10::ValueError, nothing changed).
 class FusedOptimizer : public torch::optim::Optimizer, public ScaleAwareOptimizer {
 public:
   using torch::optim::Optimizer::Optimizer;
