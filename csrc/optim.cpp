@@ -29,9 +29,8 @@ std::string describe(const at::Tensor& t) {
 // A parameter and its grad are usable by the fused kernels. Checked for every parameter before
 // any state is created or any tensor changes.
 void check_param_grad(const char* who, const at::Tensor& p, const at::Tensor& g, size_t group, size_t index) {
-  TORCH_CHECK_VALUE(p.is_floating_point() && !p.is_complex(), who,
-                    ": expected floating-point parameters, got ", describe(p), " (group ", group, ", index ", index,
-                    ")");
+  TORCH_CHECK_VALUE(p.is_floating_point() && !p.is_complex(), who, ": expected floating-point parameters, got ",
+                    describe(p), " (group ", group, ", index ", index, ")");
   TORCH_CHECK_VALUE(device_supported(p.device().type()), who,
                     ": expected parameters on a device with fused kernels (cpu, cuda, xpu, mps), got ", describe(p),
                     " (group ", group, ", index ", index, ")");
@@ -127,13 +126,13 @@ void check_list(const char* who, const char* name, at::TensorList list, at::Tens
   for (size_t i = 0; i < list.size(); ++i) {
     const auto& t = list[i];
     if (state_step) {
-      TORCH_CHECK_VALUE(t.defined() && t.numel() == 1 && t.scalar_type() == at::kFloat &&
-                            t.device() == params[i].device(),
-                        who, ": expected ", name, "[", i, "] to be a 1-element float32 tensor on ", params[i].device(),
-                        ", got ", describe(t));
+      TORCH_CHECK_VALUE(
+          t.defined() && t.numel() == 1 && t.scalar_type() == at::kFloat && t.device() == params[i].device(), who,
+          ": expected ", name, "[", i, "] to be a 1-element float32 tensor on ", params[i].device(), ", got ",
+          describe(t));
     } else {
-      TORCH_CHECK_VALUE(t.defined() && t.scalar_type() == params[i].scalar_type() &&
-                            t.device() == params[i].device() && t.sizes() == params[i].sizes(),
+      TORCH_CHECK_VALUE(t.defined() && t.scalar_type() == params[i].scalar_type() && t.device() == params[i].device() &&
+                            t.sizes() == params[i].sizes(),
                         who, ": expected ", name, "[", i, "] to match its parameter (", describe(params[i]), "), got ",
                         describe(t));
     }
@@ -179,8 +178,8 @@ void load_optimizer(const char* who, torch::optim::Optimizer& opt, torch::serial
   for (size_t i = 0; i < groups.size(); ++i) {
     const auto& keys = saved_groups[i].first;
     const auto& params = groups[i].params();
-    TORCH_CHECK_VALUE(keys.size() == params.size(), who, ".load: expected param group ", i, " to hold ",
-                      params.size(), " parameters, got ", keys.size());
+    TORCH_CHECK_VALUE(keys.size() == params.size(), who, ".load: expected param group ", i, " to hold ", params.size(),
+                      " parameters, got ", keys.size());
     for (size_t j = 0; j < params.size(); ++j) {
       auto it = saved_state.find(reinterpret_cast<void*>(std::stoull(keys[j])));
       if (it == saved_state.end()) continue;
@@ -263,7 +262,7 @@ void fix_adam_state(const char* who, AdamParamState& s, const at::Tensor& p) {
   s.max_exp_avg_sq(place_like(who, "max_exp_avg_sq", s.max_exp_avg_sq(), p));
 }
 
-} // namespace
+}  // namespace
 
 // ---- options ----
 
@@ -280,26 +279,26 @@ void SGDOptions::validate() const {
                     " and dampening ", dampening());
 }
 
-#define AMPKIT_SERIALIZE_ADAM_OPTIONS(Options)                                                                      \
-  void Options::serialize(torch::serialize::OutputArchive& archive) const {                                      \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);                                                                         \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);                                                                      \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);                                                                        \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);                                                               \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);                                                                    \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);                                                                   \
-  }                                                                                                               \
-  void Options::serialize(torch::serialize::InputArchive& archive) {                                             \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);                                                               \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);                                                           \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);                                                              \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);                                                     \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);                                                            \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);                                                           \
-  }                                                                                                               \
-  bool operator==(const Options& a, const Options& b) {                                                          \
-    return a.lr() == b.lr() && a.betas() == b.betas() && a.eps() == b.eps() &&                                    \
-           a.weight_decay() == b.weight_decay() && a.amsgrad() == b.amsgrad() && a.maximize() == b.maximize();    \
+#define AMPKIT_SERIALIZE_ADAM_OPTIONS(Options)                                                                         \
+  void Options::serialize(torch::serialize::OutputArchive& archive) const {                                            \
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);                                                                              \
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);                                                                           \
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);                                                                             \
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);                                                                    \
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);                                                                         \
+    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);                                                                        \
+  }                                                                                                                    \
+  void Options::serialize(torch::serialize::InputArchive& archive) {                                                   \
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);                                                                    \
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);                                                                \
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);                                                                   \
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);                                                          \
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);                                                                 \
+    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);                                                                \
+  }                                                                                                                    \
+  bool operator==(const Options& a, const Options& b) {                                                                \
+    return a.lr() == b.lr() && a.betas() == b.betas() && a.eps() == b.eps() && a.weight_decay() == b.weight_decay() && \
+           a.amsgrad() == b.amsgrad() && a.maximize() == b.maximize();                                                 \
   }
 
 AMPKIT_SERIALIZE_ADAM_OPTIONS(AdamOptions)
@@ -393,8 +392,8 @@ void Adam::save(torch::serialize::OutputArchive& archive) const {
   torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
 }
 void Adam::load(torch::serialize::InputArchive& archive) {
-  load_optimizer<AdamParamState, AdamOptions>("Adam", *this, archive,
-                                              [](AdamParamState& s, const at::Tensor& p) { fix_adam_state("Adam", s, p); });
+  load_optimizer<AdamParamState, AdamOptions>(
+      "Adam", *this, archive, [](AdamParamState& s, const at::Tensor& p) { fix_adam_state("Adam", s, p); });
 }
 
 AdamW::AdamW(const std::vector<OptimizerParamGroup>& param_groups, AdamWOptions defaults)
@@ -451,8 +450,8 @@ void SGD::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) 
     h.weight_decay = o.weight_decay();
     h.nesterov = o.nesterov();
     h.maximize = o.maximize();
-    std::vector<at::Tensor> params, grads, bufs;        // parameters with a buffer (or needing none)
-    std::vector<at::Tensor> new_params, new_grads, new_bufs; // first step with dampening != 0
+    std::vector<at::Tensor> params, grads, bufs;              // parameters with a buffer (or needing none)
+    std::vector<at::Tensor> new_params, new_grads, new_bufs;  // first step with dampening != 0
     for (const auto& p : group.params()) {
       if (!p.grad().defined()) continue;
       if (h.momentum == 0) {
@@ -513,8 +512,9 @@ void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Te
                    bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf);
 
 void check_scale_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(!t.defined() || (t.numel() == 1 && t.scalar_type() == at::kFloat), "fused optimizer step: expected ",
-                    name, " to be None/undefined or a 1-element float32 tensor, got ", describe(t));
+  TORCH_CHECK_VALUE(!t.defined() || (t.numel() == 1 && t.scalar_type() == at::kFloat),
+                    "fused optimizer step: expected ", name,
+                    " to be None/undefined or a 1-element float32 tensor, got ", describe(t));
 }
 
 // torch's CPU fused SGD kernel reads fp16/bf16 momentum buffers through a float pointer when
@@ -548,13 +548,11 @@ void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Te
   }
 }
 
-bool found_inf_is_set(const at::Tensor& found_inf) {
-  return found_inf.defined() && found_inf.item<float>() != 0.0f;
-}
+bool found_inf_is_set(const at::Tensor& found_inf) { return found_inf.defined() && found_inf.item<float>() != 0.0f; }
 
 void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                 at::TensorList max_exp_avg_sqs, at::TensorList steps, const AdamHyper& h,
-                 const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+                 at::TensorList max_exp_avg_sqs, at::TensorList steps, const AdamHyper& h, const at::Tensor& grad_scale,
+                 const at::Tensor& found_inf) {
   const char* who = h.decoupled_weight_decay ? "AdamW" : "Adam";
   check_scale_tensor(grad_scale, "grad_scale");
   check_scale_tensor(found_inf, "found_inf");
@@ -627,5 +625,5 @@ void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mome
   }
 }
 
-} // namespace detail
-} // namespace ampkit::optim
+}  // namespace detail
+}  // namespace ampkit::optim

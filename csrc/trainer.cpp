@@ -30,7 +30,7 @@ at::Tensor false_on(const c10::Device& device) {
   return at::zeros({}, at::TensorOptions().dtype(at::kBool).device(device));
 }
 
-} // namespace
+}  // namespace
 
 // ---- options ----
 
@@ -95,8 +95,8 @@ StepStats Trainer::step(const Closure& closure) {
   }
   TORCH_CHECK_VALUE(loss.defined(), "Trainer.step: expected the closure to return the loss, got an undefined tensor");
   TORCH_CHECK_VALUE(loss.numel() == 1 && loss.is_floating_point(),
-                    "Trainer.step: expected the closure to return a floating-point scalar loss, got ",
-                    loss.toString(), " of shape ", loss.sizes());
+                    "Trainer.step: expected the closure to return a floating-point scalar loss, got ", loss.toString(),
+                    " of shape ", loss.sizes());
   TORCH_CHECK_VALUE(loss.requires_grad(),
                     "Trainer.step: expected the closure's loss to require grad (is it computed from the model's "
                     "parameters, outside torch::NoGradGuard?), got a tensor that does not");
@@ -108,7 +108,7 @@ StepStats Trainer::step(const Closure& closure) {
   at::Tensor scaled = to_backward;
   if (scaler_) {
     scaled = scaler_->scale(to_backward);
-    stats.scale_ = scaler_->scale_tensor().clone(); // update() changes the scale in place below
+    stats.scale_ = scaler_->scale_tensor().clone();  // update() changes the scale in place below
   }
   scaled.backward();
   ++micro_steps_;
@@ -124,7 +124,7 @@ StepStats Trainer::step(const Closure& closure) {
       scaler_->unscale_(optimizer_);
       stats.grad_norm_ = detail::clip_grad_norm_(params_of(optimizer_), *max_norm);
     }
-    scaler_->step(optimizer_); // sync-free for a ScaleAwareOptimizer
+    scaler_->step(optimizer_);  // sync-free for a ScaleAwareOptimizer
     stats.skipped_ = scaler_->last_step_skipped();
     scaler_->update();
   } else {
@@ -160,9 +160,9 @@ void Trainer::save(torch::serialize::OutputArchive& archive) const {
 
 void Trainer::load(torch::serialize::InputArchive& archive) {
   c10::IValue version, micro, accumulation;
-  TORCH_CHECK_VALUE(archive.try_read("ampkit_trainer_version", version) && version.isInt() &&
-                        version.toInt() == kFormatVersion,
-                    "Trainer.load: expected an archive written by Trainer::save (format ", kFormatVersion, ")");
+  TORCH_CHECK_VALUE(
+      archive.try_read("ampkit_trainer_version", version) && version.isInt() && version.toInt() == kFormatVersion,
+      "Trainer.load: expected an archive written by Trainer::save (format ", kFormatVersion, ")");
   archive.read("micro_steps", micro);
   archive.read("accumulation_steps", accumulation);
   TORCH_CHECK_VALUE(accumulation.toInt() == options_.accumulation_steps(),
@@ -210,8 +210,10 @@ torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archi
 namespace detail {
 
 at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm) {
-  TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm > 0.0, "clip_grad_norm_: expected max_norm to be finite and "
-                    "> 0, got ", max_norm);
+  TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm > 0.0,
+                    "clip_grad_norm_: expected max_norm to be finite and "
+                    "> 0, got ",
+                    max_norm);
   at::NoGradGuard no_grad;
   // Grads grouped by (device, dtype) in order of first appearance, as torch's
   // _group_tensors_by_device_and_dtype: the order of the stacked norms decides the last bits.
@@ -240,5 +242,5 @@ at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm) {
   return total;
 }
 
-} // namespace detail
-} // namespace ampkit
+}  // namespace detail
+}  // namespace ampkit

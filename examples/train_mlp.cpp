@@ -20,8 +20,9 @@ int main() {
 
   ampkit::optim::AdamW optimizer(model->parameters(), ampkit::optim::AdamWOptions(3e-3).weight_decay(1e-4));
   // fp16 comes with a GradScaler by default; with the fused optimizer no step syncs with the host.
-  ampkit::Trainer trainer(*model, optimizer,
-                          ampkit::TrainerOptions(device.type()).dtype(torch::kHalf).accumulation_steps(2).max_grad_norm(1.0));
+  ampkit::Trainer trainer(
+      *model, optimizer,
+      ampkit::TrainerOptions(device.type()).dtype(torch::kHalf).accumulation_steps(2).max_grad_norm(1.0));
 
   auto batch = [&] {
     auto x = torch::randn({64, 32}, device);
@@ -35,7 +36,7 @@ int main() {
     const auto [x, y] = batch();
     const auto stats = trainer.step([&] { return torch::mse_loss(model->forward(x).to(torch::kFloat), y); });
     if (step % 50 == 0 || step == steps - 1) {
-      last = stats.loss(); // syncs: only when printing
+      last = stats.loss();  // syncs: only when printing
       if (first < 0) first = last;
       std::printf("step %4d  loss %.5f  scale %g  skipped %d\n", step, last, stats.scale(), int(stats.skipped()));
     }
@@ -44,8 +45,9 @@ int main() {
   // Checkpoint and resume: model, optimizer, scaler and counters in one file.
   const std::string path = "train_mlp_checkpoint.pt";
   trainer.save(path);
-  ampkit::Trainer resumed(*model, optimizer,
-                          ampkit::TrainerOptions(device.type()).dtype(torch::kHalf).accumulation_steps(2).max_grad_norm(1.0));
+  ampkit::Trainer resumed(
+      *model, optimizer,
+      ampkit::TrainerOptions(device.type()).dtype(torch::kHalf).accumulation_steps(2).max_grad_norm(1.0));
   resumed.load(path);
   std::remove(path.c_str());
 

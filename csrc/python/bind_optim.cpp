@@ -12,7 +12,7 @@ namespace {
 
 at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
-} // namespace
+}  // namespace
 
 // ampkit.optim's Python optimizers subclass torch.optim.Optimizer (so that schedulers, state
 // dicts and hooks work) and keep their state in Python; each step calls these, the same code
@@ -39,9 +39,9 @@ void bind_optim(py::module_& m) {
                                    or_undefined(grad_scale), or_undefined(found_inf));
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
-      py::arg("state_steps"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-      py::arg("weight_decay"), py::arg("eps"), py::arg("amsgrad"), py::arg("maximize"),
-      py::arg("decoupled_weight_decay"), py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+      py::arg("state_steps"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("weight_decay"),
+      py::arg("eps"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled_weight_decay"),
+      py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
       "One fused Adam (or AdamW with decoupled_weight_decay) step, as torch's _fused_adam: grouped by device and "
       "dtype, steps counted on the device and rolled back by found_inf. Raises ValueError on mismatched lists.",
       py::call_guard<py::gil_scoped_release>());
@@ -72,7 +72,11 @@ void bind_optim(py::module_& m) {
   m.def(
       "_check_sgd_options",
       [](double lr, double momentum, double dampening, double weight_decay, bool nesterov) {
-        optim::SGDOptions(lr).momentum(momentum).dampening(dampening).weight_decay(weight_decay).nesterov(nesterov)
+        optim::SGDOptions(lr)
+            .momentum(momentum)
+            .dampening(dampening)
+            .weight_decay(weight_decay)
+            .nesterov(nesterov)
             .validate();
       },
       py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
@@ -87,4 +91,4 @@ void bind_optim(py::module_& m) {
       "Raises ValueError, naming the option, unless Adam's / AdamW's options are valid.");
 }
 
-} // namespace ampkit::python
+}  // namespace ampkit::python

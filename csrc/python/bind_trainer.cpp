@@ -20,4 +20,4 @@ void bind_trainer(py::module_& m) {
       py::call_guard<py::gil_scoped_release>());
 }
 
-} // namespace ampkit::python
+}  // namespace ampkit::python

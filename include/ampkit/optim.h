@@ -43,7 +43,7 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   TORCH_ARG(bool, amsgrad) = false;
   TORCH_ARG(bool, maximize) = false;
 
-public:
+ public:
   /// Throws c10::ValueError naming the option unless lr >= 0, eps >= 0, betas in [0, 1),
   /// weight_decay >= 0 (all finite).
   void validate() const;
@@ -65,7 +65,7 @@ struct AdamWOptions : public torch::optim::OptimizerCloneableOptions<AdamWOption
   TORCH_ARG(bool, amsgrad) = false;
   TORCH_ARG(bool, maximize) = false;
 
-public:
+ public:
   /// Same ranges as AdamOptions::validate().
   void validate() const;
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -85,7 +85,7 @@ struct SGDOptions : public torch::optim::OptimizerCloneableOptions<SGDOptions> {
   TORCH_ARG(bool, nesterov) = false;
   TORCH_ARG(bool, maximize) = false;
 
-public:
+ public:
   /// Throws c10::ValueError unless lr, momentum, weight_decay >= 0, and nesterov comes with
   /// momentum > 0 and dampening 0 (torch's rules).
   void validate() const;
@@ -102,9 +102,9 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
   TORCH_ARG(at::Tensor, step);
   TORCH_ARG(at::Tensor, exp_avg);
   TORCH_ARG(at::Tensor, exp_avg_sq);
-  TORCH_ARG(at::Tensor, max_exp_avg_sq); ///< defined only with amsgrad
+  TORCH_ARG(at::Tensor, max_exp_avg_sq);  ///< defined only with amsgrad
 
-public:
+ public:
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
@@ -113,7 +113,7 @@ public:
 struct SGDParamState : public torch::optim::OptimizerCloneableParamState<SGDParamState> {
   TORCH_ARG(at::Tensor, momentum_buffer);
 
-public:
+ public:
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
@@ -126,7 +126,7 @@ public:
 /// without options takes the defaults. Group options are checked at construction and before every
 /// step (an edited lr < 0 throws c10::ValueError, nothing changed).
 class FusedOptimizer : public torch::optim::Optimizer, public ScaleAwareOptimizer {
-public:
+ public:
   using torch::optim::Optimizer::Optimizer;
 
   /// Runs \p closure (with grad enabled) if given, then one unscaled step; returns the closure's loss.
@@ -138,7 +138,7 @@ public:
   /// (except SGD's documented first step with dampening != 0).
   void step_scaled(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
 
-protected:
+ protected:
   /// The update itself; arguments already validated.
   virtual void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) = 0;
   /// Throws c10::ValueError unless every group's options are of this optimizer's type and valid.
@@ -147,7 +147,7 @@ protected:
 
 /// Adam (torch.optim.Adam(fused=True)): amsgrad, L2 weight decay, maximize.
 class Adam : public FusedOptimizer {
-public:
+ public:
   /// Throws c10::ValueError for no parameters, options out of range or of another optimizer.
   explicit Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults = {});
   explicit Adam(std::vector<at::Tensor> params, AdamOptions defaults = {});
@@ -157,21 +157,21 @@ public:
   /// throw) and moves the state to its parameter's device.
   void load(torch::serialize::InputArchive& archive) override;
 
-protected:
+ protected:
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
 };
 
 /// AdamW (torch.optim.AdamW(fused=True)): Adam with decoupled weight decay.
 class AdamW : public FusedOptimizer {
-public:
+ public:
   explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamWOptions defaults = {});
   explicit AdamW(std::vector<at::Tensor> params, AdamWOptions defaults = {});
 
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
-protected:
+ protected:
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
 };
@@ -188,14 +188,14 @@ protected:
 /// torch 2.13's CPU fused SGD kernel mis-reads fp16/bf16 momentum buffers after the first step, so
 /// CPU fp16/bf16 parameters with momentum take a float32-opmath path of ATen ops (still sync-free).
 class SGD : public FusedOptimizer {
-public:
+ public:
   explicit SGD(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, SGDOptions defaults);
   explicit SGD(std::vector<at::Tensor> params, SGDOptions defaults);
 
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
-protected:
+ protected:
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
 };
@@ -212,7 +212,7 @@ struct AdamHyper {
   double eps = 1e-8;
   bool amsgrad = false;
   bool maximize = false;
-  bool decoupled_weight_decay = false; ///< AdamW
+  bool decoupled_weight_decay = false;  ///< AdamW
 };
 
 /// torch's _fused_adam / _fused_adamw: groups the tensors by device and dtype, adds 1 to the
@@ -243,6 +243,6 @@ void check_scale_tensor(const at::Tensor& t, const char* name);
 
 /// Whether \p found_inf (undefined: no) is nonzero. Synchronizes.
 bool found_inf_is_set(const at::Tensor& found_inf);
-} // namespace detail
+}  // namespace detail
 
-} // namespace ampkit::optim
+}  // namespace ampkit::optim

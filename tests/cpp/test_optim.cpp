@@ -60,7 +60,7 @@ void check_matches_torch(Ours& ours, std::vector<at::Tensor>& a, Theirs& theirs,
   }
 }
 
-} // namespace
+}  // namespace
 
 TEST_CASE("optim options have torch's defaults", "[optim]") {
   CHECK(ao::AdamOptions().lr() == 1e-3);
@@ -251,8 +251,11 @@ TEST_CASE("fused optimizers reject bad arguments clearly", "[optim]") {
   auto p = make_params(11);
   CHECK_THAT(error_of([] { ao::Adam(std::vector<at::Tensor>{}); }),
              Catch::Contains("Adam: expected at least one parameter, got an empty parameter list"));
-  CHECK_THAT(error_of([&] { ao::AdamW(p, ao::AdamWOptions(-1.0)); }), Catch::Contains("AdamW: expected lr >= 0, got -1"));
-  CHECK_THAT(error_of([&] { ao::Adam(p, ao::AdamOptions().betas({0.9, 1.0})); }),
+  CHECK_THAT(error_of([&] { ao::AdamW(p, ao::AdamWOptions(-1.0)); }),
+             Catch::Contains("AdamW: expected lr >= 0, got -1"));
+  CHECK_THAT(error_of([&] {
+               ao::Adam(p, ao::AdamOptions().betas({0.9, 1.0}));
+             }),
              Catch::Contains("expected betas[1] in [0, 1), got 1"));
   CHECK_THAT(error_of([&] { ao::Adam(p, ao::AdamOptions().eps(-1)); }), Catch::Contains("expected eps >= 0, got -1"));
   CHECK_THAT(error_of([&] { ao::SGD(p, ao::SGDOptions(0.1).nesterov(true)); }),

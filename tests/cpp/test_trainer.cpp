@@ -35,13 +35,14 @@ at::Tensor loss_of(torch::nn::Sequential& m, const at::Tensor& x, const at::Tens
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-} // namespace
+}  // namespace
 
 TEST_CASE("TrainerOptions defaults follow the dtype", "[trainer]") {
   CHECK(ampkit::TrainerOptions(c10::kCPU).dtype(at::kHalf).scaler().has_value());
   CHECK(!ampkit::TrainerOptions(c10::kCPU).dtype(at::kBFloat16).scaler().has_value());
   CHECK(!ampkit::TrainerOptions(c10::kCPU).dtype(at::kHalf).no_scaler().scaler().has_value());
-  CHECK(ampkit::TrainerOptions(c10::kCPU).dtype(at::kBFloat16).scaler(ampkit::GradScalerOptions()).scaler().has_value());
+  CHECK(
+      ampkit::TrainerOptions(c10::kCPU).dtype(at::kBFloat16).scaler(ampkit::GradScalerOptions()).scaler().has_value());
   CHECK(ampkit::TrainerOptions().accumulation_steps() == 1);
   CHECK(!ampkit::TrainerOptions().max_grad_norm().has_value());
 }
@@ -63,7 +64,8 @@ TEST_CASE("Trainer equals the hand-written loop bitwise", "[trainer]") {
         const auto& [x, y] = data[i];
         std::optional<unsigned> hook;
         auto w = m1->parameters()[0];
-        if (i == poisoned) hook = w.register_hook([](const at::Tensor& g) { return g.index_fill(1, torch::tensor({0}), kInf); });
+        if (i == poisoned)
+          hook = w.register_hook([](const at::Tensor& g) { return g.index_fill(1, torch::tensor({0}), kInf); });
         const auto stats = trainer.step([&] { return loss_of(m1, x, y); });
         if (hook) w.remove_hook(*hook);
 
@@ -201,7 +203,7 @@ TEST_CASE("a resumed trainer continues bitwise", "[trainer]") {
   const std::string path = "ampkit_test_trainer_resume.pt";
   t_first.save(path);
 
-  auto resumed = make_model(123); // other weights: all must come from the file
+  auto resumed = make_model(123);  // other weights: all must come from the file
   ao::Adam o_res(resumed->parameters(), ao::AdamOptions(1e-2).amsgrad(true));
   ampkit::Trainer t_res(*resumed, o_res, opts);
   t_res.load(path);
@@ -244,5 +246,5 @@ TEST_CASE("Trainer misuse gets clear errors", "[trainer]") {
   CHECK_THAT(error_of([&] { trainer.step(nullptr); }), Catch::Contains("expected a closure"));
   CHECK(trainer.micro_steps() == 0);
   for (const auto& p : m->parameters()) CHECK(!p.grad().defined());
-  CHECK(!ampkit::is_autocast_enabled(c10::kCPU)); // the guard was left on the throw
+  CHECK(!ampkit::is_autocast_enabled(c10::kCPU));  // the guard was left on the throw
 }
