@@ -105,6 +105,25 @@ def test_bf16_default_has_no_scaler_and_equals_hand_loop():
         assert _same(m1, m2)
 
 
+def test_trainer_with_torch_grad_scaler_equals_ampkit_one():
+    m1, m2 = _model(), _model()
+    t1 = ampkit.Trainer(m1, ao.AdamW(m1.parameters()), device_type="cpu", dtype=torch.float16,
+                        scaler=torch.amp.GradScaler("cpu", init_scale=2.0**6), max_grad_norm=1.0)
+    t2 = ampkit.Trainer(m2, ao.AdamW(m2.parameters()), device_type="cpu", dtype=torch.float16,
+                        scaler=ampkit.GradScaler("cpu", init_scale=2.0**6), max_grad_norm=1.0)
+    for i, (x, y) in enumerate(_data(4)):
+        hooks = []
+        if i == 1:
+            hooks = [m[0].bias.register_hook(lambda g: g * float("inf")) for m in (m1, m2)]
+        s1 = t1.step(lambda: F.mse_loss(m1(x).float(), y))
+        s2 = t2.step(lambda: F.mse_loss(m2(x).float(), y))
+        for h in hooks:
+            h.remove()
+        assert bool(s1.skipped) == bool(s2.skipped) == (i == 1)
+        assert torch.equal(s1.scale, s2.scale)
+        assert _same(m1, m2)
+
+
 def test_fp16_default_scaler():
     m = _model()
     trainer = ampkit.Trainer(m, ao.SGD(m.parameters(), lr=0.1), device_type="cpu", dtype=torch.float16)
