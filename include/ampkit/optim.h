@@ -185,6 +185,7 @@ class AdamW : public FusedOptimizer {
 /// first step and no sync is needed. With dampening != 0 the first step must be torch's
 /// `buf = grad`, which differs from the ordinary update, so the first step of each parameter reads
 /// found_inf on the host once (the only sync) and keeps the new buffer only if the step ran.
+///
 /// torch 2.13's CPU fused SGD kernel mis-reads fp16/bf16 momentum buffers after the first step, so
 /// CPU fp16/bf16 parameters with momentum take a float32-opmath path of ATen ops (still sync-free).
 class SGD : public FusedOptimizer {

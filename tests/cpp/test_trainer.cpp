@@ -137,6 +137,28 @@ TEST_CASE("bf16 trains without a scaler and with a plain torch::optim optimizer"
   CHECK(trainer.optimizer_steps() == 4);
 }
 
+TEST_CASE("fp16 with a non-fused torch::optim optimizer equals the hand loop", "[trainer]") {
+  auto m1 = make_model(7), m2 = make_model(7);
+  torch::optim::Adam o1(m1->parameters(), torch::optim::AdamOptions(1e-2));
+  torch::optim::Adam o2(m2->parameters(), torch::optim::AdamOptions(1e-2));
+  const auto sopts = ampkit::GradScalerOptions().init_scale(512);
+  ampkit::Trainer trainer(*m1, o1, ampkit::TrainerOptions(c10::kCPU).dtype(at::kHalf).scaler(sopts));
+  ampkit::GradScaler s2(sopts);
+  for (const auto& [x, y] : make_data(4)) {
+    trainer.step([&] { return loss_of(m1, x, y); });
+    at::Tensor loss;
+    {
+      ampkit::AutocastGuard guard(c10::kCPU, at::kHalf);
+      loss = loss_of(m2, x, y);
+    }
+    s2.scale(loss).backward();
+    s2.step(o2);
+    s2.update();
+    o2.zero_grad();
+    REQUIRE(same_params(*m1, *m2));
+  }
+}
+
 TEST_CASE("a skipped trainer step leaves params and fused SGD momentum untouched", "[trainer]") {
   auto m = make_model(4);
   ao::SGD opt(m->parameters(), ao::SGDOptions(0.1).momentum(0.9));
