@@ -17,5 +17,7 @@ c10::DeviceType parse_device_type(const std::string& device_type);
 void bind_cast_policy(py::module_& m);
 void bind_autocast(py::module_& m);
 void bind_grad_scaler(py::module_& m);
+void bind_optim(py::module_& m);
+void bind_trainer(py::module_& m);
 
 } // namespace ampkit::python

@@ -17,7 +17,7 @@ c10::DeviceType parse_device_type(const std::string& device_type) {
 
 PYBIND11_MODULE(_C, m) {
   namespace py = pybind11;
-  m.doc() = "ampkit's C++ core: cast-policy tables, autocast regions, gradient scaling";
+  m.doc() = "ampkit's C++ core: cast-policy tables, autocast regions, gradient scaling, fused optimizers, the trainer's clipping";
   // c10 errors arrive as the Python exceptions torch raises for them, without the C++ backtrace.
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -37,4 +37,6 @@ PYBIND11_MODULE(_C, m) {
   ampkit::python::bind_cast_policy(m);
   ampkit::python::bind_autocast(m);
   ampkit::python::bind_grad_scaler(m);
+  ampkit::python::bind_optim(m);
+  ampkit::python::bind_trainer(m);
 }

@@ -5,3 +5,5 @@
 #include <ampkit/autocast.h>
 #include <ampkit/cast_policy.h>
 #include <ampkit/grad_scaler.h>
+#include <ampkit/optim.h>
+#include <ampkit/trainer.h>

@@ -19,6 +19,8 @@ except ImportError as e:  # keep the cause: a missing symbol means a torch misma
 
 from ._autocast import autocast, is_autocast_enabled, get_autocast_dtype, autocast_cache_size, clear_autocast_cache
 from ._grad_scaler import GradScaler
+from ._trainer import Trainer, StepStats
+from . import optim
 from ._cast_policy import (
     CastPolicy,
     get_policy,
@@ -45,4 +47,7 @@ __all__ = [
     "default_policies",
     "reset_policies",
     "GradScaler",
+    "Trainer",
+    "StepStats",
+    "optim",
 ]

@@ -1,0 +1,246 @@
+#include <ampkit/trainer.h>
+
+#include <ampkit/autocast.h>
+#include <ampkit/optim.h>
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/util/Exception.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/archive.h>
+
+#include <cmath>
+#include <utility>
+
+namespace ampkit {
+namespace {
+
+constexpr int64_t kFormatVersion = 1;
+
+std::vector<at::Tensor> params_of(const torch::optim::Optimizer& optimizer) {
+  std::vector<at::Tensor> params;
+  for (const auto& group : optimizer.param_groups()) {
+    params.insert(params.end(), group.params().begin(), group.params().end());
+  }
+  return params;
+}
+
+at::Tensor false_on(const c10::Device& device) {
+  return at::zeros({}, at::TensorOptions().dtype(at::kBool).device(device));
+}
+
+}  // namespace
+
+// ---- options ----
+
+c10::ScalarType TrainerOptions::dtype() const {
+  return dtype_.has_value() ? *dtype_ : at::autocast::get_autocast_dtype(device_type_);
+}
+
+std::optional<GradScalerOptions> TrainerOptions::scaler() const {
+  if (scaler_set_) return scaler_;
+  // bf16 has fp32's exponent range: gradients do not underflow, so there is nothing to scale.
+  if (autocast_ && dtype() == at::kHalf) return GradScalerOptions();
+  return std::nullopt;
+}
+
+void TrainerOptions::validate() const {
+  detail::check_autocast_arguments(device_type_, dtype());
+  TORCH_CHECK_VALUE(accumulation_steps_ >= 1, "Trainer: expected accumulation_steps >= 1, got ", accumulation_steps_);
+  TORCH_CHECK_VALUE(!max_grad_norm_.has_value() || (std::isfinite(*max_grad_norm_) && *max_grad_norm_ > 0.0),
+                    "Trainer: expected max_grad_norm to be finite and > 0 (or unset), got ",
+                    max_grad_norm_.value_or(0.0));
+  if (auto s = scaler()) s->validate();
+}
+
+// ---- stats ----
+
+double StepStats::loss() const { return loss_.item<double>(); }
+double StepStats::scale() const { return scale_.defined() ? scale_.item<double>() : 1.0; }
+bool StepStats::skipped() const { return skipped_.item<bool>(); }
+std::optional<double> StepStats::grad_norm() const {
+  if (!grad_norm_.defined()) return std::nullopt;
+  return grad_norm_.item<double>();
+}
+
+// ---- trainer ----
+
+Trainer::Trainer(torch::optim::Optimizer& optimizer, TrainerOptions options)
+    : optimizer_(optimizer), options_(std::move(options)) {
+  options_.validate();
+  const auto params = params_of(optimizer_);
+  TORCH_CHECK_VALUE(!params.empty(), "Trainer: expected an optimizer with at least one parameter, got none");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK_VALUE(params[i].device().type() == options_.device_type(), "Trainer: expected every parameter on ",
+                      c10::DeviceTypeName(options_.device_type(), /*lower_case=*/true),
+                      " (options.device_type), got parameter ", i, " on ", params[i].device().str());
+  }
+  if (auto s = options_.scaler(); s && s->enabled()) scaler_.emplace(*s);
+}
+
+Trainer::Trainer(torch::nn::Module& model, torch::optim::Optimizer& optimizer, TrainerOptions options)
+    : Trainer(optimizer, std::move(options)) {
+  model_ = &model;
+}
+
+StepStats Trainer::step(const Closure& closure) {
+  TORCH_CHECK_VALUE(static_cast<bool>(closure), "Trainer.step: expected a closure, got an empty std::function");
+  at::Tensor loss;
+  {
+    // Forward in the region; the guard is gone before backward, which runs with the TLS of the
+    // thread that calls it.
+    AutocastGuard guard(options_.device_type(), options_.dtype(), options_.autocast());
+    loss = closure();
+  }
+  TORCH_CHECK_VALUE(loss.defined(), "Trainer.step: expected the closure to return the loss, got an undefined tensor");
+  TORCH_CHECK_VALUE(loss.numel() == 1 && loss.is_floating_point(),
+                    "Trainer.step: expected the closure to return a floating-point scalar loss, got ", loss.toString(),
+                    " of shape ", loss.sizes());
+  TORCH_CHECK_VALUE(loss.requires_grad(),
+                    "Trainer.step: expected the closure's loss to require grad (is it computed from the model's "
+                    "parameters, outside torch::NoGradGuard?), got a tensor that does not");
+
+  const int64_t n = options_.accumulation_steps();
+  const at::Tensor to_backward = n > 1 ? loss / n : loss;
+  StepStats stats;
+  stats.loss_ = loss.detach();
+  at::Tensor scaled = to_backward;
+  if (scaler_) {
+    scaled = scaler_->scale(to_backward);
+    stats.scale_ = scaler_->scale_tensor().clone();  // update() changes the scale in place below
+  }
+  scaled.backward();
+  ++micro_steps_;
+  if (micro_steps_ % n != 0) {
+    stats.skipped_ = false_on(loss.device());
+    return stats;
+  }
+
+  stats.stepped_ = true;
+  const auto max_norm = options_.max_grad_norm();
+  if (scaler_) {
+    if (max_norm) {
+      scaler_->unscale_(optimizer_);
+      stats.grad_norm_ = detail::clip_grad_norm_(params_of(optimizer_), *max_norm);
+    }
+    scaler_->step(optimizer_);  // sync-free for a ScaleAwareOptimizer
+    stats.skipped_ = scaler_->last_step_skipped();
+    scaler_->update();
+  } else {
+    if (max_norm) stats.grad_norm_ = detail::clip_grad_norm_(params_of(optimizer_), *max_norm);
+    optimizer_.step();
+    stats.skipped_ = false_on(loss.device());
+  }
+  optimizer_.zero_grad(options_.zero_grad_set_to_none());
+  return stats;
+}
+
+void Trainer::save(torch::serialize::OutputArchive& archive) const {
+  TORCH_CHECK(micro_steps_ % options_.accumulation_steps() == 0, "Trainer.save: called after micro-batch ",
+              micro_steps_, ", in the middle of an accumulation of ", options_.accumulation_steps(),
+              "; accumulated grads are not saved, so save after a step that stepped the optimizer");
+  archive.write("ampkit_trainer_version", c10::IValue(kFormatVersion));
+  archive.write("micro_steps", c10::IValue(micro_steps_));
+  archive.write("accumulation_steps", c10::IValue(options_.accumulation_steps()));
+  if (model_ != nullptr) {
+    torch::serialize::OutputArchive m(archive.compilation_unit());
+    model_->save(m);
+    archive.write("model", m);
+  }
+  torch::serialize::OutputArchive o(archive.compilation_unit());
+  optimizer_.save(o);
+  archive.write("optimizer", o);
+  if (scaler_) {
+    torch::serialize::OutputArchive s(archive.compilation_unit());
+    scaler_->save(s);
+    archive.write("scaler", s);
+  }
+}
+
+void Trainer::load(torch::serialize::InputArchive& archive) {
+  c10::IValue version, micro, accumulation;
+  TORCH_CHECK_VALUE(
+      archive.try_read("ampkit_trainer_version", version) && version.isInt() && version.toInt() == kFormatVersion,
+      "Trainer.load: expected an archive written by Trainer::save (format ", kFormatVersion, ")");
+  archive.read("micro_steps", micro);
+  archive.read("accumulation_steps", accumulation);
+  TORCH_CHECK_VALUE(accumulation.toInt() == options_.accumulation_steps(),
+                    "Trainer.load: expected an archive saved with accumulation_steps ", options_.accumulation_steps(),
+                    ", got ", accumulation.toInt());
+  // Read every part before loading any, so that a missing part changes nothing.
+  torch::serialize::InputArchive m, o, s;
+  if (model_ != nullptr) {
+    TORCH_CHECK_VALUE(archive.try_read("model", m),
+                      "Trainer.load: expected the model's state in the archive (it was saved without a model)");
+  }
+  archive.read("optimizer", o);
+  const bool has_scaler = archive.try_read("scaler", s);
+  TORCH_CHECK_VALUE(has_scaler == scaler_.has_value(), "Trainer.load: expected an archive ",
+                    scaler_ ? "with" : "without", " a GradScaler state, as this trainer has ",
+                    scaler_ ? "a scaler" : "none", ", got one ", has_scaler ? "with" : "without");
+  optimizer_.load(o);
+  if (model_ != nullptr) model_->load(m);
+  if (scaler_) scaler_->load(s);
+  micro_steps_ = micro.toInt();
+}
+
+void Trainer::save(const std::string& path) const {
+  torch::serialize::OutputArchive archive;
+  save(archive);
+  archive.save_to(path);
+}
+
+void Trainer::load(const std::string& path) {
+  torch::serialize::InputArchive archive;
+  archive.load_from(path);
+  load(archive);
+}
+
+torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive, const Trainer& trainer) {
+  trainer.save(archive);
+  return archive;
+}
+
+torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive, Trainer& trainer) {
+  trainer.load(archive);
+  return archive;
+}
+
+namespace detail {
+
+at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm) {
+  TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm > 0.0,
+                    "clip_grad_norm_: expected max_norm to be finite and "
+                    "> 0, got ",
+                    max_norm);
+  at::NoGradGuard no_grad;
+  // Grads grouped by (device, dtype) in order of first appearance, as torch's
+  // _group_tensors_by_device_and_dtype: the order of the stacked norms decides the last bits.
+  std::vector<std::pair<std::pair<c10::Device, c10::ScalarType>, std::vector<at::Tensor>>> groups;
+  for (const auto& p : params) {
+    const at::Tensor& g = p.grad();
+    if (!g.defined()) continue;
+    const auto key = std::make_pair(g.device(), g.scalar_type());
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& e) { return e.first == key; });
+    if (it == groups.end()) {
+      groups.push_back({key, {}});
+      it = groups.end() - 1;
+    }
+    it->second.push_back(g);
+  }
+  if (groups.empty()) return at::zeros({});
+  const c10::Device first = groups.front().first.first;
+  std::vector<at::Tensor> norms;
+  for (const auto& g : groups) {
+    for (auto& n : at::_foreach_norm(g.second, 2)) norms.push_back(n.to(first));
+  }
+  const at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
+  // Python's `max_norm / tensor` is tensor.reciprocal() * max_norm: same op order, same bits.
+  const at::Tensor coef = at::clamp_max((total + 1e-6).reciprocal() * max_norm, 1.0);
+  for (auto& g : groups) at::_foreach_mul_(g.second, coef.to(g.first.first));
+  return total;
+}
+
+}  // namespace detail
+}  // namespace ampkit

@@ -1,0 +1,172 @@
+#pragma once
+/// \file trainer.h
+/// Trainer: one call per micro-batch runs the AMP recipe that a hand-written loop spells out —
+/// forward inside an AutocastGuard, backward on the scaled loss outside it, gradient
+/// accumulation, optional clipping after unscaling, the (skippable) optimizer step, the scale
+/// update and zero_grad — without a host synchronization when the optimizer is one of
+/// ampkit::optim's fused ones.
+///
+/// \code
+///   ampkit::optim::AdamW opt(model->parameters());
+///   ampkit::Trainer trainer(*model, opt, ampkit::TrainerOptions(c10::kCUDA).max_grad_norm(1.0));
+///   for (auto& [x, y] : batches) {
+///     auto stats = trainer.step([&] { return torch::mse_loss(model->forward(x), y); });
+///     if (i % 100 == 0) std::cout << stats.loss() << "\n"; // loss() syncs; loss_tensor() does not
+///   }
+/// \endcode
+
+#include <ampkit/grad_scaler.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+
+namespace torch::nn {
+class Module;
+} // namespace torch::nn
+
+namespace ampkit {
+
+/// Options of a Trainer. Chained setters: `TrainerOptions(c10::kCUDA).accumulation_steps(4)`.
+struct TrainerOptions {
+  /// \param device_type device type of the autocast region and of the parameters (cpu, cuda)
+  TrainerOptions(c10::DeviceType device_type = c10::kCPU) : device_type_(device_type) {}
+
+  TrainerOptions& device_type(c10::DeviceType v) { device_type_ = v; return *this; }
+  /// Autocast dtype (fp16 or bf16). Default: torch's autocast dtype of the device type
+  /// (CPU bf16, CUDA fp16).
+  TrainerOptions& dtype(c10::ScalarType v) { dtype_ = v; return *this; }
+  /// false: run the closure without autocast (plain fp32; the rest of the recipe stays).
+  TrainerOptions& autocast(bool v) { autocast_ = v; return *this; }
+  /// Loss scaling with these options. Default: a default GradScaler under fp16, none under bf16,
+  /// whose range makes scaling unnecessary.
+  TrainerOptions& scaler(GradScalerOptions v) { scaler_ = v; scaler_set_ = true; return *this; }
+  /// No loss scaling whatever the dtype.
+  TrainerOptions& no_scaler() { scaler_.reset(); scaler_set_ = true; return *this; }
+  /// Micro-batches per optimizer step (>= 1); each micro-batch loss is divided by it.
+  TrainerOptions& accumulation_steps(int64_t v) { accumulation_steps_ = v; return *this; }
+  /// Clip the total 2-norm of the grads to this value (> 0) before each step, as
+  /// torch.nn.utils.clip_grad_norm_ after unscaling. Default: no clipping.
+  TrainerOptions& max_grad_norm(std::optional<double> v) { max_grad_norm_ = v; return *this; }
+  /// zero_grad(set_to_none) after each step (default true, as torch).
+  TrainerOptions& zero_grad_set_to_none(bool v) { zero_grad_set_to_none_ = v; return *this; }
+
+  c10::DeviceType device_type() const { return device_type_; }
+  /// The dtype set, else the device type's default autocast dtype.
+  c10::ScalarType dtype() const;
+  bool autocast() const { return autocast_; }
+  /// The scaler's options, or std::nullopt for no scaling (resolving the default by dtype).
+  std::optional<GradScalerOptions> scaler() const;
+  int64_t accumulation_steps() const { return accumulation_steps_; }
+  std::optional<double> max_grad_norm() const { return max_grad_norm_; }
+  bool zero_grad_set_to_none() const { return zero_grad_set_to_none_; }
+
+  /// Throws c10::ValueError naming the option unless every option is in range.
+  void validate() const;
+
+private:
+  c10::DeviceType device_type_;
+  std::optional<c10::ScalarType> dtype_;
+  bool autocast_ = true;
+  std::optional<GradScalerOptions> scaler_;
+  bool scaler_set_ = false;
+  int64_t accumulation_steps_ = 1;
+  std::optional<double> max_grad_norm_;
+  bool zero_grad_set_to_none_ = true;
+};
+
+/// What one Trainer::step did. The tensors live on the device and are read lazily: the tensor
+/// accessors never synchronize, the double / bool ones do.
+class StepStats {
+public:
+  /// The closure's loss (before division by accumulation_steps), detached. 0-dim.
+  const at::Tensor& loss_tensor() const { return loss_; }
+  /// The scale the loss was multiplied by (a copy, 0-dim float32); undefined without a scaler.
+  const at::Tensor& scale_tensor() const { return scale_; }
+  /// 0-dim bool: whether the optimizer step was skipped for inf/NaN grads (false on
+  /// micro-batches that only accumulate, and without a scaler).
+  const at::Tensor& skipped_tensor() const { return skipped_; }
+  /// Total 2-norm of the unscaled grads before clipping (0-dim); undefined unless this call
+  /// stepped with max_grad_norm set.
+  const at::Tensor& grad_norm_tensor() const { return grad_norm_; }
+
+  /// Whether this call ran the optimizer step (the last micro-batch of an accumulation); no sync.
+  bool stepped() const { return stepped_; }
+  double loss() const;              ///< synchronizes
+  double scale() const;             ///< synchronizes; 1 without a scaler
+  bool skipped() const;             ///< synchronizes
+  std::optional<double> grad_norm() const; ///< synchronizes; nullopt when not computed
+
+private:
+  friend class Trainer;
+  at::Tensor loss_, scale_, skipped_, grad_norm_;
+  bool stepped_ = false;
+};
+
+/// The AMP training step for any torch::optim::Optimizer. Not thread-safe; the optimizer (and
+/// the model, if given) must outlive the trainer.
+class Trainer {
+public:
+  using Closure = std::function<at::Tensor()>;
+
+  /// Throws c10::ValueError for bad options, an optimizer without parameters, or parameters not
+  /// on options.device_type().
+  Trainer(torch::optim::Optimizer& optimizer, TrainerOptions options = {});
+  /// Also saves and loads \p model's parameters and buffers with the trainer's state.
+  Trainer(torch::nn::Module& model, torch::optim::Optimizer& optimizer, TrainerOptions options = {});
+
+  /// One micro-batch: runs \p closure (forward + loss) in the autocast region, leaves it, runs
+  /// backward on loss / accumulation_steps times the scale; every accumulation_steps-th call also
+  /// unscales, clips (if asked), steps (skipped on the device for inf/NaN), updates the scale and
+  /// zeroes the grads. Throws c10::ValueError if the closure returns an undefined tensor, a tensor
+  /// with more than one element, a non-floating one, or one that does not require grad; nothing
+  /// has changed then (the grads are untouched).
+  StepStats step(const Closure& closure);
+
+  /// Micro-batches run so far.
+  int64_t micro_steps() const { return micro_steps_; }
+  /// Optimizer steps run so far (skipped ones included).
+  int64_t optimizer_steps() const { return micro_steps_ / options_.accumulation_steps(); }
+  const TrainerOptions& options() const { return options_; }
+  /// The scaler, or nullptr when the trainer does not scale.
+  GradScaler* scaler() { return scaler_ ? &*scaler_ : nullptr; }
+  const GradScaler* scaler() const { return scaler_ ? &*scaler_ : nullptr; }
+  torch::optim::Optimizer& optimizer() { return optimizer_; }
+
+  /// Writes the model (if given), the optimizer, the scaler and the counters. Throws c10::Error in
+  /// the middle of an accumulation (accumulated grads are not part of the state): save after a
+  /// step() that returned stepped().
+  void save(torch::serialize::OutputArchive& archive) const;
+  /// Reads what save() wrote; a run resumed from it continues bitwise as the uninterrupted one.
+  void load(torch::serialize::InputArchive& archive);
+  /// save() / load() through a file.
+  void save(const std::string& path) const;
+  void load(const std::string& path);
+
+private:
+  torch::nn::Module* model_ = nullptr;
+  torch::optim::Optimizer& optimizer_;
+  TrainerOptions options_;
+  std::optional<GradScaler> scaler_;
+  int64_t micro_steps_ = 0;
+};
+
+/// `archive << trainer` and `archive >> trainer`.
+torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive, const Trainer& trainer);
+torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive, Trainer& trainer);
+
+namespace detail {
+/// torch.nn.utils.clip_grad_norm_(params, max_norm) without a sync: the total 2-norm of the
+/// grads from per-(device, dtype) _foreach_norm results, clip coefficient
+/// max_norm / (norm + 1e-6) clamped to 1, grads multiplied in place. Returns the total norm
+/// (0-dim, on the first grad's device; a 0 on CPU when no param has a grad). Shared with
+/// ampkit.Trainer in Python.
+at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm);
+} // namespace detail
+
+} // namespace ampkit

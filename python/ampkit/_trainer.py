@@ -1,0 +1,220 @@
+"""ampkit.Trainer: the AMP training step (autocast forward, scaled backward, accumulation,
+clipping, skippable step, scale update, zero_grad) in one call, for any torch.optim optimizer.
+
+The recipe and its arithmetic are those of ``ampkit::Trainer`` in C++: the same division of the
+loss by the accumulation steps, the same scaler (ampkit.GradScaler shares its numerics with
+ampkit::GradScaler) and the same clipping function (``_C._clip_grad_norm_``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+
+from . import _C
+from ._autocast import autocast
+from ._grad_scaler import GradScaler
+
+__all__ = ["Trainer", "StepStats"]
+
+_DEFAULT = object()
+
+
+class StepStats:
+    """What one ``Trainer.step`` did. Every field is a device tensor (reading it does not sync;
+    ``float(stats.loss)`` does).
+
+    Attributes:
+        loss: the closure's loss (before division by accumulation_steps), detached, 0-dim.
+        scale: the scale the loss was multiplied by (0-dim float32), None without a scaler.
+        skipped: 0-dim bool, whether the optimizer step was skipped for inf/NaN grads (False on
+            micro-batches that only accumulate, and without a scaler).
+        grad_norm: total 2-norm of the unscaled grads before clipping, None unless this call
+            stepped with max_grad_norm set.
+        stepped: bool, whether this call ran the optimizer step.
+    """
+
+    __slots__ = ("loss", "scale", "skipped", "grad_norm", "stepped")
+
+    def __init__(self, loss, scale, skipped, grad_norm, stepped):
+        self.loss = loss
+        self.scale = scale
+        self.skipped = skipped
+        self.grad_norm = grad_norm
+        self.stepped = stepped
+
+    def __repr__(self) -> str:
+        return (f"StepStats(loss={self.loss}, scale={self.scale}, skipped={self.skipped}, "
+                f"grad_norm={self.grad_norm}, stepped={self.stepped})")
+
+
+class Trainer:
+    """One call per micro-batch runs the AMP recipe of a hand-written loop::
+
+        trainer = ampkit.Trainer(model, opt, device_type="cuda", max_grad_norm=1.0)
+        for x, y in data:
+            stats = trainer.step(lambda: loss_fn(model(x), y))
+
+    ``step(closure)`` runs the closure (forward + loss) inside ``ampkit.autocast``, leaves the
+    region, runs backward on ``loss / accumulation_steps`` times the scale, and on every
+    ``accumulation_steps``-th call unscales, clips (``max_grad_norm``), steps (skipped for
+    inf/NaN grads; without a host sync for optimizers with ``_step_supports_amp_scaling`` such
+    as ``ampkit.optim``'s and torch's fused ones), updates the scale and zeroes the grads.
+
+    Args:
+        model: the module whose state ``state_dict`` saves (may be None).
+        optimizer: any ``torch.optim.Optimizer`` (or anything with ``param_groups``, ``step``,
+            ``zero_grad``, ``state_dict``, ``load_state_dict``).
+        device_type: "cpu" or "cuda": the autocast device type; every parameter must be on it.
+        dtype: torch.float16 or torch.bfloat16; None: torch's autocast dtype of the device type.
+        scaler: an ``ampkit.GradScaler`` (or ``torch.amp.GradScaler``), None for no scaling, or
+            left out: a default GradScaler under float16, none under bfloat16.
+        accumulation_steps: micro-batches per optimizer step (>= 1).
+        max_grad_norm: clip the total 2-norm of the grads to this (> 0) before each step.
+        set_to_none: passed to ``optimizer.zero_grad``.
+        enabled: False runs the closure without autocast.
+    """
+
+    def __init__(
+        self,
+        model: Optional[torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        *,
+        device_type: str,
+        dtype: Optional[torch.dtype] = None,
+        scaler: Any = _DEFAULT,
+        accumulation_steps: int = 1,
+        max_grad_norm: Optional[float] = None,
+        set_to_none: bool = True,
+        enabled: bool = True,
+    ) -> None:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ValueError(f"Trainer: expected model to be a torch.nn.Module or None, got {type(model).__name__}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral) \
+                or accumulation_steps < 1:
+            raise ValueError(f"Trainer: expected accumulation_steps to be an int >= 1, got {accumulation_steps!r}")
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
+            or not math.isfinite(max_grad_norm) or max_grad_norm <= 0
+        ):
+            raise ValueError(f"Trainer: expected max_grad_norm to be finite and > 0 (or None), got {max_grad_norm!r}")
+        self._autocast = autocast(device_type, dtype=dtype, enabled=enabled)  # validates device_type / dtype
+        device = self._autocast.device
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not params:
+            raise ValueError("Trainer: expected an optimizer with at least one parameter, got none")
+        for i, p in enumerate(params):
+            if p.device.type != device:
+                raise ValueError(
+                    f"Trainer: expected every parameter on {device} (device_type), got parameter {i} on {p.device}")
+        if scaler is _DEFAULT:
+            # bf16 has fp32's exponent range: nothing underflows, so nothing to scale.
+            scaler = GradScaler(device) if (enabled and self._autocast.fast_dtype == torch.float16) else None
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.accumulation_steps = int(accumulation_steps)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.set_to_none = set_to_none
+        self.micro_steps = 0
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps run so far (skipped ones included)."""
+        return self.micro_steps // self.accumulation_steps
+
+    def _params(self):
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> StepStats:
+        """One micro-batch; see the class docstring. Raises ValueError, before any backward, if the
+        closure returns something other than a floating-point scalar tensor that requires grad."""
+        with self._autocast:
+            loss = closure()
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(f"Trainer.step: expected the closure to return the loss tensor, got {type(loss).__name__}")
+        if loss.numel() != 1 or not loss.is_floating_point():
+            raise ValueError(
+                "Trainer.step: expected the closure to return a floating-point scalar loss, got "
+                f"a {loss.dtype} tensor of shape {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError("Trainer.step: expected the closure's loss to require grad, got a tensor that does not")
+        n = self.accumulation_steps
+        to_backward = loss / n if n > 1 else loss
+        scale = None
+        if self.scaler is not None:
+            scaled = self.scaler.scale(to_backward)
+            scale = self.scaler._scale.clone()  # update() changes the scale in place below
+        else:
+            scaled = to_backward
+        scaled.backward()
+        self.micro_steps += 1
+        detached = loss.detach()
+        if self.micro_steps % n != 0:
+            return StepStats(detached, scale, torch.zeros((), dtype=torch.bool, device=loss.device), None, False)
+
+        grad_norm = None
+        if self.scaler is not None:
+            if self.max_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = _C._clip_grad_norm_(self._params(), self.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            skipped = self._last_step_skipped()
+            self.scaler.update()
+        else:
+            if self.max_grad_norm is not None:
+                grad_norm = _C._clip_grad_norm_(self._params(), self.max_grad_norm)
+            self.optimizer.step()
+            skipped = torch.zeros((), dtype=torch.bool, device=loss.device)
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
+        return StepStats(detached, scale, skipped, grad_norm, True)
+
+    def _last_step_skipped(self) -> torch.Tensor:
+        if hasattr(self.scaler, "last_step_skipped"):
+            return self.scaler.last_step_skipped()
+        # torch.amp.GradScaler: the found_inf it recorded, read before update() clears it.
+        state = self.scaler._per_optimizer_states[id(self.optimizer)]
+        found = [t.to(self.scaler._scale.device) for t in state["found_inf_per_device"].values()]
+        return (sum(found) != 0) if found else torch.zeros((), dtype=torch.bool)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Model (if any), optimizer, scaler and counters. Raises RuntimeError in the middle of an
+        accumulation: accumulated grads are not part of the state."""
+        if self.micro_steps % self.accumulation_steps != 0:
+            raise RuntimeError(
+                f"Trainer.state_dict: called after micro-batch {self.micro_steps}, in the middle of an accumulation "
+                f"of {self.accumulation_steps}; accumulated grads are not saved, so save after a step that stepped "
+                "the optimizer")
+        return {
+            "model": None if self.model is None else self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "micro_steps": self.micro_steps,
+            "accumulation_steps": self.accumulation_steps,
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Loads what ``state_dict`` returned; the resumed run continues bitwise as the
+        uninterrupted one. Raises ValueError, before loading anything, if the parts do not fit
+        this trainer (model / scaler present on one side only, other accumulation_steps)."""
+        missing = {"model", "optimizer", "scaler", "micro_steps", "accumulation_steps"} - set(state_dict)
+        if missing:
+            raise ValueError(f"Trainer.load_state_dict: expected keys {sorted(missing)} in the state dict")
+        if state_dict["accumulation_steps"] != self.accumulation_steps:
+            raise ValueError(
+                f"Trainer.load_state_dict: expected accumulation_steps {self.accumulation_steps}, got "
+                f"{state_dict['accumulation_steps']}")
+        if (state_dict["model"] is None) != (self.model is None):
+            raise ValueError("Trainer.load_state_dict: expected a model state exactly when the trainer has a model")
+        if (state_dict["scaler"] is None) != (self.scaler is None):
+            raise ValueError("Trainer.load_state_dict: expected a scaler state exactly when the trainer has a scaler")
+        if self.model is not None:
+            self.model.load_state_dict(state_dict["model"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state_dict["scaler"])
+        self.micro_steps = int(state_dict["micro_steps"])
