@@ -6,15 +6,18 @@ hits them alike, and reports per model and mode: median step time (p10/p90), thr
 speedup over fp32, ratio to torch's own AMP, peak memory, final loss and its relative
 difference from fp32, and skipped steps.
 
+Peak memory: on CUDA torch.cuda.max_memory_allocated during the mode's steps; on the CPU the peak RSS
+growth of the mode run alone in a fresh process (model, data, optimizer state and activations).
+
 Modes: fp32 (strict on CUDA: TF32 off), tf32 (CUDA only), ampkit-bf16, ampkit-fp16 (with
-ampkit.GradScaler), torch-bf16, torch-fp16 (torch.autocast + torch.amp.GradScaler).
+ampkit.GradScaler), torch-bf16, torch-fp16 (torch.autocast + torch.amp.GradScaler). ampkit's modes
+run ampkit.Trainer with ampkit.optim.AdamW (fused, sync-free); the others torch.optim.AdamW(fused=True).
 
     python benchmarks/fp32_vs_amp.py [--device cpu|cuda] [--models mlp,transformer,cnn]
         [--modes ...] [--steps N] [--warmup N] [--json PATH] [--plot PATH]
 """
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -117,17 +120,23 @@ class Run:
         build, self.data, self.batch = make_workload(model_name, device, tiny)
         torch.manual_seed(seed)
         self.model = build().to(device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-4, fused=True)
         family, _, precision = mode.partition("-")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.trainer = None
         if family == "ampkit":
-            self.ctx = lambda: ampkit.autocast(device, dtype=dtype)
-            self.scaler = ampkit.GradScaler(device) if dtype == torch.float16 else None
-        elif family == "torch":
-            self.ctx = lambda: torch.autocast(device, dtype=dtype)
-            self.scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
-        else:
+            # ampkit's whole recipe: the trainer (autocast, scaled backward, step, update) with
+            # ampkit's fused, sync-free AdamW and, under fp16, ampkit.GradScaler.
+            self.opt = ampkit.optim.AdamW(self.model.parameters(), lr=2e-4)
+            self.trainer = ampkit.Trainer(self.model, self.opt, device_type=device, dtype=dtype)
             self.ctx, self.scaler = contextlib.nullcontext, None
+        else:
+            # torch's best: fused AdamW; torch.autocast + torch.amp.GradScaler for its AMP modes.
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-4, fused=True)
+            if family == "torch":
+                self.ctx = lambda: torch.autocast(device, dtype=dtype)
+                self.scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
+            else:
+                self.ctx, self.scaler = contextlib.nullcontext, None
         self.tf32 = mode == "tf32"
         self.steps = 0
         self.times_ms = []
@@ -136,6 +145,10 @@ class Run:
 
     def step(self):
         x, y = self.data[self.steps % len(self.data)]
+        if self.trainer is not None:
+            stats = self.trainer.step(lambda: F.cross_entropy(self.model(x), y))
+            self.steps += 1
+            return stats.loss
         with self.ctx():
             loss = F.cross_entropy(self.model(x), y)
         if self.scaler is not None:
@@ -169,21 +182,6 @@ def rss_mb(field):
     return float("nan")
 
 
-def reset_peak_rss():
-    """Returns freed heap to the OS and resets VmHWM (Linux >= 4.0), so that each chunk's peak
-    RSS is its own rather than hidden by memory that an earlier mode freed."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_chunk(run, n, warmup, device):
     """n steps of one mode; times (after warm-up) and losses are recorded."""
     if device == "cuda":
@@ -204,8 +202,6 @@ def run_chunk(run, n, warmup, device):
             run.losses.append(float(loss))
         run.peak_mem_mb = max(run.peak_mem_mb, (torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        base = rss_mb("VmRSS")
-        reset_peak_rss()
         for _ in range(n):
             t0 = time.perf_counter()
             loss = run.step()
@@ -213,7 +209,27 @@ def run_chunk(run, n, warmup, device):
             if len(run.losses) >= warmup:
                 run.times_ms.append(dt)
             run.losses.append(float(loss))
-        run.peak_mem_mb = max(run.peak_mem_mb, rss_mb("VmHWM") - base)
+
+
+def memory_probe(model_name, mode, seed, tiny, steps):
+    """Peak RSS growth (MB) of one CPU run in a fresh process: in one process the allocator's reuse
+    of memory that other modes freed makes per-mode peaks meaningless. VmHWM, unlike ru_maxrss,
+    starts afresh at exec instead of inheriting the forking parent's peak."""
+    import subprocess
+
+    code = (
+        "import sys; sys.path.insert(0, {bench!r}); import fp32_vs_amp as B\n"
+        "base = B.rss_mb('VmRSS')\n"
+        "r = B.Run({model!r}, {mode!r}, 'cpu', {seed}, {tiny})\n"
+        "for _ in range({steps}): r.step()\n"
+        "print(B.rss_mb('VmHWM') - base)\n"
+    ).format(bench=os.path.dirname(os.path.abspath(__file__)), model=model_name, mode=mode, seed=seed, tiny=tiny,
+             steps=steps)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe of {model_name}/{mode} failed:\n{out.stderr}")
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def percentile(values, q):
@@ -239,7 +255,7 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def benchmark(device, models, modes, steps, warmup, chunk, seed, tiny=False):
+def benchmark(device, models, modes, steps, warmup, chunk, seed, tiny=False, memory=True):
     results = []
     for model_name in models:
         runs = [Run(model_name, mode, device, seed, tiny) for mode in modes]
@@ -252,6 +268,9 @@ def benchmark(device, models, modes, steps, warmup, chunk, seed, tiny=False):
             for run in order:
                 run_chunk(run, n, warmup, device)
                 progress.advance(run.mode)
+        if device == "cpu":
+            for r in runs:
+                r.peak_mem_mb = memory_probe(model_name, r.mode, seed, tiny, warmup + 2) if memory else float("nan")
         base = next((r for r in runs if r.mode == "fp32"), None)
         final = {r.mode: statistics.mean(r.losses[-max(1, min(5, len(r.losses))):]) for r in runs}
         medians = {r.mode: statistics.median(r.times_ms) for r in runs}
@@ -326,6 +345,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--tiny", action="store_true", help="tiny models: a smoke test of every mode in seconds")
+    p.add_argument("--no-memory", action="store_true",
+                   help="CPU: skip the per-mode peak-RSS probes (each runs the mode in a fresh process)")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG chart here")
     args = p.parse_args(argv)
@@ -356,7 +377,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed, args.tiny)
+    results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed, args.tiny, not args.no_memory)
     print_table(results, args.device)
     meta = {"device": args.device, "torch": torch.__version__, "ampkit": ampkit.__version__,
             "device_name": torch.cuda.get_device_name() if on_cuda else cpu_name(),
