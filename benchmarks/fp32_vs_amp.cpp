@@ -38,10 +38,9 @@ struct Workload {
 
 struct EncoderBlockImpl : torch::nn::Module {
   EncoderBlockImpl(int64_t d, int64_t heads, int64_t ff)
-      : block(register_module("block", torch::nn::TransformerEncoderLayer(
-                                           torch::nn::TransformerEncoderLayerOptions(d, heads)
-                                               .dim_feedforward(ff)
-                                               .dropout(0.0)))),
+      : block(register_module(
+            "block", torch::nn::TransformerEncoderLayer(
+                         torch::nn::TransformerEncoderLayerOptions(d, heads).dim_feedforward(ff).dropout(0.0)))),
         norm(register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})))),
         head(register_module("head", torch::nn::Linear(d, kClasses))) {}
   torch::Tensor forward(const torch::Tensor& x) {  // x: (seq, batch, d), the C++ layer's layout
@@ -99,11 +98,11 @@ Workload make_workload(const std::string& name, torch::Device device) {
     w.build = [=] {
       namespace nn = torch::nn;
       auto conv = [](int64_t i, int64_t o) { return nn::Conv2d(nn::Conv2dOptions(i, o, 3).padding(1)); };
-      return std::make_shared<nn::SequentialImpl>(
-          conv(3, width), nn::BatchNorm2d(width), nn::ReLU(), nn::MaxPool2d(2), conv(width, 2 * width),
-          nn::BatchNorm2d(2 * width), nn::ReLU(), nn::MaxPool2d(2), conv(2 * width, 4 * width),
-          nn::BatchNorm2d(4 * width), nn::ReLU(), nn::AdaptiveAvgPool2d(1), nn::Flatten(),
-          nn::Linear(4 * width, kClasses));
+      return std::make_shared<nn::SequentialImpl>(conv(3, width), nn::BatchNorm2d(width), nn::ReLU(), nn::MaxPool2d(2),
+                                                  conv(width, 2 * width), nn::BatchNorm2d(2 * width), nn::ReLU(),
+                                                  nn::MaxPool2d(2), conv(2 * width, 4 * width),
+                                                  nn::BatchNorm2d(4 * width), nn::ReLU(), nn::AdaptiveAvgPool2d(1),
+                                                  nn::Flatten(), nn::Linear(4 * width, kClasses));
     };
     w.forward = [](torch::nn::Module& m, const torch::Tensor& x) {
       return static_cast<torch::nn::SequentialImpl&>(m).forward(x);
@@ -138,10 +137,14 @@ Run make_run(const std::string& mode, const Workload& w, torch::Device device) {
   }
   r.optimizer = std::make_unique<ampkit::optim::AdamW>(r.model->parameters(), ampkit::optim::AdamWOptions(2e-4));
   ampkit::TrainerOptions opts(device.type());
-  if (mode == "ampkit-fp32") opts.autocast(false);
-  else if (mode == "ampkit-bf16") opts.dtype(torch::kBFloat16);
-  else if (mode == "ampkit-fp16") opts.dtype(torch::kHalf);
-  else throw std::invalid_argument("--modes: expected fp32, ampkit-fp32, ampkit-bf16 or ampkit-fp16, got '" + mode + "'");
+  if (mode == "ampkit-fp32")
+    opts.autocast(false);
+  else if (mode == "ampkit-bf16")
+    opts.dtype(torch::kBFloat16);
+  else if (mode == "ampkit-fp16")
+    opts.dtype(torch::kHalf);
+  else
+    throw std::invalid_argument("--modes: expected fp32, ampkit-fp32, ampkit-bf16 or ampkit-fp16, got '" + mode + "'");
   r.trainer = std::make_unique<ampkit::Trainer>(*r.model, *r.optimizer, opts);
   return r;
 }
@@ -199,7 +202,8 @@ int main(int argc, char** argv) {
     TORCH_CHECK_VALUE(!cuda || torch::cuda::is_available(), "--device cuda: no CUDA device here");
     const torch::Device device(cuda ? torch::kCUDA : torch::kCPU);
     const auto models = split(flag("models", "mlp,transformer,cnn"));
-    auto modes = split(flag("modes", cuda ? "fp32,ampkit-fp32,ampkit-bf16,ampkit-fp16" : "fp32,ampkit-fp32,ampkit-bf16"));
+    auto modes =
+        split(flag("modes", cuda ? "fp32,ampkit-fp32,ampkit-bf16,ampkit-fp16" : "fp32,ampkit-fp32,ampkit-bf16"));
     if (std::find(modes.begin(), modes.end(), "fp32") == modes.end()) modes.insert(modes.begin(), "fp32");
     const int steps = std::stoi(flag("steps", cuda ? "100" : "16"));
     const int warmup = std::stoi(flag("warmup", cuda ? "10" : "3"));
@@ -213,7 +217,8 @@ int main(int argc, char** argv) {
     std::cout << "FP32 vs AMP, C++ training loops on " << device << " (LibTorch " << TORCH_VERSION << ")\n"
               << std::left << std::setw(12) << "model" << std::setw(13) << "mode" << std::right << std::setw(9)
               << "step ms" << std::setw(9) << "p10" << std::setw(9) << "p90" << std::setw(9) << "vs fp32"
-              << std::setw(10) << "loss" << std::setw(9) << "dloss" << "\n";
+              << std::setw(10) << "loss" << std::setw(9) << "dloss"
+              << "\n";
     for (const auto& name : models) {
       const Workload w = make_workload(name, device);
       std::vector<Run> runs;

@@ -36,8 +36,7 @@ struct ThreadState {
 thread_local ThreadState tls;
 
 bool eligible(const at::Tensor& t, c10::DeviceType device_type) {
-  return t.defined() && t.device().type() == device_type && t.is_floating_point() &&
-         t.scalar_type() != at::kDouble;
+  return t.defined() && t.device().type() == device_type && t.is_floating_point() && t.scalar_type() != at::kDouble;
 }
 
 // torch's cached_cast: only lower-precision casts of fp32 leaves that require grad are
@@ -51,7 +50,9 @@ at::Tensor cast(const at::Tensor& t, c10::ScalarType to, c10::DeviceType device_
   auto it = tls.cache.find(t.unsafeGetTensorImpl());
   if (it != tls.cache.end()) return it->second.cast;
   at::Tensor casted = t.to(to);
-  tls.cache.emplace(t.unsafeGetTensorImpl(), CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), casted});
+  tls.cache.emplace(
+      t.unsafeGetTensorImpl(),
+      CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), casted});
   return casted;
 }
 
@@ -147,7 +148,7 @@ constexpr const char* kBinaryCrossEntropyAdvice =
     "torch.nn.functional.binary_cross_entropy_with_logits or torch.nn.BCEWithLogitsLoss, which are safe to "
     "autocast.";
 
-} // namespace
+}  // namespace
 
 void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                          torch::jit::Stack* stack) {
@@ -161,12 +162,8 @@ void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::D
   const c10::DeviceType device_type = policy_device_type(d);
   const size_t n = e.kinds.size();
   switch (static_cast<CastPolicy>(raw)) {
-    case CastPolicy::lower_precision_fp:
-      cast_arguments(e, stack, state.dtype, device_type, state);
-      break;
-    case CastPolicy::fp32:
-      cast_arguments(e, stack, at::kFloat, device_type, state);
-      break;
+    case CastPolicy::lower_precision_fp: cast_arguments(e, stack, state.dtype, device_type, state); break;
+    case CastPolicy::fp32: cast_arguments(e, stack, at::kFloat, device_type, state); break;
     case CastPolicy::promote:
       cast_arguments(e, stack, promote_type(e, stack, device_type, state.dtype), device_type, state);
       break;
@@ -190,14 +187,16 @@ void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::D
       TORCH_CHECK(false, "ampkit: '", e.name, "' is banned under autocast on ",
                   c10::DeviceTypeName(device_type, /*lower_case=*/true), " by its cast policy. ",
                   e.name == "aten::binary_cross_entropy" ? kBinaryCrossEntropyAdvice
-                                                          : "Run it outside the autocast region or change its policy.");
+                                                         : "Run it outside the autocast region or change its policy.");
   }
   redispatch(op, keys, stack);
 }
 
 void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype) {
-  TORCH_CHECK_VALUE(policy_device_index(device_type) >= 0, "ampkit.autocast: expected device_type 'cpu' or 'cuda' (a "
-                    "device type with a cast-policy table), got '", c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
+  TORCH_CHECK_VALUE(policy_device_index(device_type) >= 0,
+                    "ampkit.autocast: expected device_type 'cpu' or 'cuda' (a "
+                    "device type with a cast-policy table), got '",
+                    c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
   TORCH_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16,
                     "ampkit.autocast: expected dtype torch.float16 or torch.bfloat16, got ", dtype_name(dtype));
 }
@@ -239,7 +238,7 @@ void exit_autocast(const AutocastRegion& region) {
   if (--tls.depth == 0) tls.cache.clear();
 }
 
-} // namespace detail
+}  // namespace detail
 
 AutocastGuard::AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled)
     : region_(detail::enter_autocast(device_type, dtype, enabled, cache_enabled)) {}
@@ -273,4 +272,4 @@ std::size_t autocast_cache_size() { return detail::tls.cache.size(); }
 
 void clear_autocast_cache() { detail::tls.cache.clear(); }
 
-} // namespace ampkit
+}  // namespace ampkit

@@ -55,10 +55,10 @@ struct OpEntry {
 void ensure_initialized();
 
 // The boxed kernel body of every table op (autocast.cpp).
-void run_autocast_kernel(const OpEntry& entry, const c10::OperatorHandle& op,
-                         c10::DispatchKeySet keys, torch::jit::Stack* stack);
+void run_autocast_kernel(const OpEntry& entry, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack);
 
 // "torch.float16" for error messages.
 std::string dtype_name(c10::ScalarType dtype);
 
-} // namespace ampkit::detail
+}  // namespace ampkit::detail

@@ -25,9 +25,7 @@ int policy_device_index(c10::DeviceType device_type) {
   }
 }
 
-c10::DeviceType policy_device_type(int index) {
-  return index == 0 ? c10::DeviceType::CPU : c10::DeviceType::CUDA;
-}
+c10::DeviceType policy_device_type(int index) { return index == 0 ? c10::DeviceType::CPU : c10::DeviceType::CUDA; }
 
 std::string dtype_name(c10::ScalarType dtype) {
   if (dtype == c10::ScalarType::Undefined) return "None";
@@ -172,8 +170,10 @@ const std::pair<const char*, CastPolicy> kCpuDefaults[] = {
 std::string aten_name_from_macro_args(std::string_view args) {
   std::string out = "aten::";
   for (char c : args) {
-    if (c == ',') out += '.';
-    else if (!std::isspace(static_cast<unsigned char>(c))) out += c;
+    if (c == ',')
+      out += '.';
+    else if (!std::isspace(static_cast<unsigned char>(c)))
+      out += c;
   }
   return out;
 }
@@ -210,9 +210,8 @@ PolicyMap build_cpu_defaults() {
 }
 
 bool is_identifier(std::string_view s) {
-  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '_';
-  });
+  return !s.empty() && std::all_of(s.begin(), s.end(),
+                                   [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
 }
 
 c10::OperatorName parse_op_name(std::string_view op) {
@@ -222,9 +221,9 @@ c10::OperatorName parse_op_name(std::string_view op) {
                   is_identifier(op.substr(sep + 2, dot == std::string_view::npos ? op.npos : dot - sep - 2)) &&
                   (dot == std::string_view::npos || is_identifier(op.substr(dot + 1)));
   TORCH_CHECK_VALUE(ok,
-              "ampkit: expected op as 'namespace::name' or 'namespace::name.overload' "
-              "(e.g. 'aten::mm', 'aten::pow.Tensor_Scalar'), got '",
-              op, "'");
+                    "ampkit: expected op as 'namespace::name' or 'namespace::name.overload' "
+                    "(e.g. 'aten::mm', 'aten::pow.Tensor_Scalar'), got '",
+                    op, "'");
   const std::string name(op.substr(0, dot));
   const std::string overload = dot == std::string_view::npos ? "" : std::string(op.substr(dot + 1));
   return c10::OperatorName(name, overload);
@@ -250,8 +249,8 @@ c10::OperatorHandle find_op(std::string_view op) {
   } else {
     hint << " (load the library that defines it first)";
   }
-  TORCH_CHECK_VALUE(false, "ampkit: expected an operator registered with the PyTorch dispatcher, got '",
-              op, "', which is not", hint.str());
+  TORCH_CHECK_VALUE(false, "ampkit: expected an operator registered with the PyTorch dispatcher, got '", op,
+                    "', which is not", hint.str());
 }
 
 ArgKind classify(const c10::Argument& arg) {
@@ -312,44 +311,46 @@ std::optional<c10::OperatorHandle> find_dtype_overload(const c10::FunctionSchema
 std::optional<c10::OperatorHandle> check_policy_fits(const std::string& op, const c10::FunctionSchema& schema,
                                                      CastPolicy policy) {
   for (const auto& a : schema.arguments()) {
-    TORCH_CHECK_VALUE(!(a.alias_info() && a.alias_info()->isWrite()), "ampkit: expected an out-of-place operator, got '",
-                op, "', whose argument '", a.name(),
-                "' is mutable (in-place or out=); only out-of-place operators can be autocast");
+    TORCH_CHECK_VALUE(!(a.alias_info() && a.alias_info()->isWrite()),
+                      "ampkit: expected an out-of-place operator, got '", op, "', whose argument '", a.name(),
+                      "' is mutable (in-place or out=); only out-of-place operators can be autocast");
   }
   const auto kinds = classify_all(schema);
   const bool has_tensor = std::any_of(kinds.begin(), kinds.end(), [](ArgKind k) {
     return k == ArgKind::Tensor || k == ArgKind::OptionalTensor || k == ArgKind::TensorList;
   });
   TORCH_CHECK_VALUE(has_tensor, "ampkit: expected an operator with a Tensor, Tensor? or Tensor[] argument, got '", op,
-              "' with schema ", schema);
+                    "' with schema ", schema);
   const bool first_is_tensor = !kinds.empty() && kinds.front() == ArgKind::Tensor;
   if (policy == CastPolicy::fp32_set_opt_dtype) {
     const bool has_opt_dtype = std::find(kinds.begin(), kinds.end(), ArgKind::OptionalScalarType) != kinds.end();
     TORCH_CHECK_VALUE(first_is_tensor && has_opt_dtype,
-                "ampkit: policy fp32_set_opt_dtype expects an operator whose first argument is a Tensor and that "
-                "has a 'ScalarType? dtype' argument, got '",
-                op, "' with schema ", schema);
+                      "ampkit: policy fp32_set_opt_dtype expects an operator whose first argument is a Tensor and that "
+                      "has a 'ScalarType? dtype' argument, got '",
+                      op, "' with schema ", schema);
   }
   if (policy == CastPolicy::fp32_append_dtype) {
-    TORCH_CHECK_VALUE(first_is_tensor, "ampkit: policy fp32_append_dtype expects an operator whose first argument is a "
-                "Tensor, got '", op, "' with schema ", schema);
+    TORCH_CHECK_VALUE(first_is_tensor,
+                      "ampkit: policy fp32_append_dtype expects an operator whose first argument is a "
+                      "Tensor, got '",
+                      op, "' with schema ", schema);
     auto target = find_dtype_overload(schema);
     TORCH_CHECK_VALUE(target.has_value(), "ampkit: policy fp32_append_dtype expects an overload of '", schema.name(),
-                "' that takes the arguments of '", op, "' plus a trailing 'ScalarType dtype', got none for schema ",
-                schema);
+                      "' that takes the arguments of '", op,
+                      "' plus a trailing 'ScalarType dtype', got none for schema ", schema);
     return target;
   }
   return std::nullopt;
 }
 
 class AutocastKernel final : public c10::OperatorKernel {
-public:
+ public:
   explicit AutocastKernel(const OpEntry* entry) : entry_(entry) {}
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
     run_autocast_kernel(*entry_, op, keys, stack);
   }
 
-private:
+ private:
   const OpEntry* entry_;
 };
 
@@ -357,10 +358,10 @@ struct Registry {
   std::mutex mutex;
   bool initialized = false;
   std::array<PolicyMap, kNumPolicyDevices> tables;
-  std::deque<OpEntry> entries; // deque: entries never move, kernels point at them
+  std::deque<OpEntry> entries;  // deque: entries never move, kernels point at them
   std::unordered_map<std::string, OpEntry*> by_name;
   std::unique_ptr<torch::Library> fallback;
-  std::unordered_map<std::string, std::unique_ptr<torch::Library>> libraries; // per namespace
+  std::unordered_map<std::string, std::unique_ptr<torch::Library>> libraries;  // per namespace
 };
 
 // Never destroyed: the registered kernels and libraries must outlive every op call, also
@@ -433,12 +434,13 @@ void init_locked(Registry& r) {
 
 int checked_device(c10::DeviceType device_type) {
   const int d = policy_device_index(device_type);
-  TORCH_CHECK_VALUE(d >= 0, "ampkit: expected device_type 'cpu' or 'cuda' (a device type with a cast-policy table), got '",
-              c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
+  TORCH_CHECK_VALUE(d >= 0,
+                    "ampkit: expected device_type 'cpu' or 'cuda' (a device type with a cast-policy table), got '",
+                    c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
   return d;
 }
 
-} // namespace
+}  // namespace
 
 void ensure_initialized() {
   auto& r = registry();
@@ -446,14 +448,14 @@ void ensure_initialized() {
   init_locked(r);
 }
 
-} // namespace detail
+}  // namespace detail
 
 using namespace detail;
 
 const std::vector<CastPolicy>& all_cast_policies() {
-  static const std::vector<CastPolicy> all = {CastPolicy::lower_precision_fp, CastPolicy::fp32,
-                                              CastPolicy::fp32_set_opt_dtype, CastPolicy::fp32_append_dtype,
-                                              CastPolicy::promote,            CastPolicy::banned};
+  static const std::vector<CastPolicy> all = {
+      CastPolicy::lower_precision_fp, CastPolicy::fp32,    CastPolicy::fp32_set_opt_dtype,
+      CastPolicy::fp32_append_dtype,  CastPolicy::promote, CastPolicy::banned};
   return all;
 }
 
@@ -475,8 +477,10 @@ CastPolicy cast_policy_from_string(std::string_view name) {
   for (auto p : all_cast_policies()) {
     if (name == to_string(p)) return p;
   }
-  TORCH_CHECK_VALUE(false, "ampkit: expected a cast policy name (lower_precision_fp, fp32, fp32_set_opt_dtype, "
-              "fp32_append_dtype, promote, banned), got '", name, "'");
+  TORCH_CHECK_VALUE(false,
+                    "ampkit: expected a cast policy name (lower_precision_fp, fp32, fp32_set_opt_dtype, "
+                    "fp32_append_dtype, promote, banned), got '",
+                    name, "'");
 }
 
 const std::vector<c10::DeviceType>& policy_device_types() {
@@ -500,7 +504,7 @@ std::optional<CastPolicy> get_policy(c10::DeviceType device_type, std::string_vi
 void set_policy(c10::DeviceType device_type, std::string_view op, CastPolicy policy) {
   const int d = checked_device(device_type);
   TORCH_CHECK_VALUE(static_cast<unsigned>(policy) <= static_cast<unsigned>(CastPolicy::banned),
-              "ampkit: expected a CastPolicy, got the value ", static_cast<int>(policy));
+                    "ampkit: expected a CastPolicy, got the value ", static_cast<int>(policy));
   auto handle = find_op(op);
   const std::string name = full_name(handle.operator_name());
   auto target = check_policy_fits(name, handle.schema(), policy);
@@ -546,4 +550,4 @@ void reset_policies() {
   for (auto t : policy_device_types()) reset_policies(t);
 }
 
-} // namespace ampkit
+}  // namespace ampkit

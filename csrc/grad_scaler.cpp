@@ -35,7 +35,7 @@ at::Tensor combine_found_infs(at::ArrayRef<at::Tensor> found_infs, const c10::De
   return combined;
 }
 
-} // namespace
+}  // namespace
 
 void GradScalerOptions::validate() const { detail::validate_options(*this, /*check_init_scale=*/true); }
 
@@ -63,22 +63,20 @@ void validate_options(const GradScalerOptions& o, bool check_init_scale) {
   }
 }
 
-
 at::Tensor reciprocal_scale(const at::Tensor& scale) {
   // float32 division can be inexact under some compile options; torch takes the reciprocal in
   // float64, and matching it keeps unscaled grads bitwise equal to torch's.
   return scale.to(at::kDouble).reciprocal().to(at::kFloat);
 }
 
-std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale,
-                                       bool allow_fp16) {
+std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale, bool allow_fp16) {
   TORCH_CHECK_VALUE(inv_scale.defined() && inv_scale.numel() == 1 && inv_scale.scalar_type() == at::kFloat,
                     "unscale_grads_: expected inv_scale to be a 1-element float32 tensor, got ",
                     inv_scale.defined() ? inv_scale.toString() : std::string("an undefined tensor"));
   // Validate everything before touching any grad, so that a throw changes nothing.
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK_VALUE(params[i].defined(), "unscale_grads_: expected defined parameters, got an undefined one at index ",
-                      i);
+    TORCH_CHECK_VALUE(params[i].defined(),
+                      "unscale_grads_: expected defined parameters, got an undefined one at index ", i);
     const at::Tensor& grad = params[i].grad();
     if (!grad.defined()) continue;
     TORCH_CHECK_VALUE(allow_fp16 || grad.scalar_type() != at::kHalf, "Attempting to unscale FP16 gradients.");
@@ -89,7 +87,7 @@ std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at
     at::ScalarType dtype;
     std::vector<at::Tensor> grads;
   };
-  std::vector<Group> groups; // few (devices x dtypes): a linear search beats hashing
+  std::vector<Group> groups;  // few (devices x dtypes): a linear search beats hashing
   std::vector<c10::Device> devices;
   at::NoGradGuard no_grad;
   for (const at::Tensor& param : params) {
@@ -188,7 +186,7 @@ void update_scale_(at::Tensor& scale, at::Tensor& growth_tracker, at::Tensor& ov
   }
 }
 
-} // namespace detail
+}  // namespace detail
 
 GradScaler::GradScaler(GradScalerOptions options) : options_(std::move(options)) { options_.validate(); }
 
@@ -220,13 +218,13 @@ at::Tensor GradScaler::scale(const at::Tensor& outputs) {
 std::vector<at::Tensor> GradScaler::scale(at::ArrayRef<at::Tensor> outputs) {
   if (!is_enabled()) return outputs.vec();
   for (size_t i = 0; i < outputs.size(); ++i) {
-    TORCH_CHECK_VALUE(outputs[i].defined(), "GradScaler.scale: expected defined tensors, got an undefined one at index ",
-                      i);
+    TORCH_CHECK_VALUE(outputs[i].defined(),
+                      "GradScaler.scale: expected defined tensors, got an undefined one at index ", i);
   }
   std::vector<at::Tensor> scaled;
   if (outputs.empty()) return scaled;
   if (!scale_.defined()) lazy_init(outputs[0].device());
-  std::vector<std::pair<c10::Device, at::Tensor>> per_device; // one copy of the scale per device
+  std::vector<std::pair<c10::Device, at::Tensor>> per_device;  // one copy of the scale per device
   scaled.reserve(outputs.size());
   for (const auto& t : outputs) {
     auto it = std::find_if(per_device.begin(), per_device.end(), [&](const auto& p) { return p.first == t.device(); });
@@ -267,8 +265,9 @@ bool GradScaler::step(torch::optim::Optimizer& optimizer) {
   auto it = per_optimizer_.find(&optimizer);
   const OptimizerStage stage = it == per_optimizer_.end() ? OptimizerStage::Ready : it->second.stage;
   TORCH_CHECK(stage != OptimizerStage::Stepped, "step() has already been called since the last update().");
-  const char* no_grads = "step(): no inf checks were recorded for this optimizer: none of its parameters has a "
-                         "gradient. Call backward() on the scaled loss before step().";
+  const char* no_grads =
+      "step(): no inf checks were recorded for this optimizer: none of its parameters has a "
+      "gradient. Call backward() on the scaled loss before step().";
 
   if (auto* aware = dynamic_cast<ScaleAwareOptimizer*>(&optimizer)) {
     // The optimizer unscales and skips on the device; only check the grads (inv_scale 1) if
@@ -327,7 +326,8 @@ void GradScaler::update() {
   for (const auto& kv : per_optimizer_) {
     found_infs.insert(found_infs.end(), kv.second.found_inf_per_device.begin(), kv.second.found_inf_per_device.end());
   }
-  TORCH_CHECK(!found_infs.empty(), "No inf checks were recorded prior to update(). Call step(optimizer) (or "
+  TORCH_CHECK(!found_infs.empty(),
+              "No inf checks were recorded prior to update(). Call step(optimizer) (or "
               "unscale_(optimizer)) for at least one optimizer first.");
   detail::update_scale_(scale_, growth_tracker_, overflow_streak_, found_infs, options_);
   per_optimizer_.clear();
@@ -350,10 +350,10 @@ void GradScaler::update(const at::Tensor& new_scale) {
                         new_scale.is_floating_point() && new_scale.device().type() == scale_.device().type(),
                     "GradScaler.update: expected new_scale to be a float or a 1-element floating tensor on ",
                     scale_.device().type(), " with requires_grad=False, got ",
-                    new_scale.defined() ? new_scale.toString() + " of " + std::to_string(new_scale.numel()) +
-                                              " elements on " + new_scale.device().str() +
-                                              (new_scale.requires_grad() ? " requiring grad" : "")
-                                        : std::string("an undefined tensor"));
+                    new_scale.defined()
+                        ? new_scale.toString() + " of " + std::to_string(new_scale.numel()) + " elements on " +
+                              new_scale.device().str() + (new_scale.requires_grad() ? " requiring grad" : "")
+                        : std::string("an undefined tensor"));
   // Reading the value would sync; clamp on the device instead.
   scale_.copy_(new_scale.reshape({}));
   if (std::isinf(options_.max_scale())) {
@@ -457,7 +457,8 @@ std::optional<GradScalerState> GradScaler::state_dict() const {
 
 void GradScaler::load_state_dict(const std::optional<GradScalerState>& state) {
   if (!is_enabled()) return;
-  TORCH_CHECK(state.has_value(), "The source state dict is empty, possibly because it was saved from a disabled "
+  TORCH_CHECK(state.has_value(),
+              "The source state dict is empty, possibly because it was saved from a disabled "
               "instance of GradScaler.");
   // Validates everything first: a bad state must leave the scaler as it was.
   const GradScalerOptions o = detail::options_from_state(*state, options_);
@@ -497,11 +498,11 @@ std::optional<T> read_optional(torch::serialize::InputArchive& archive, const ch
     return v.toInt();
   }
 }
-} // namespace
+}  // namespace
 
 void GradScaler::save(torch::serialize::OutputArchive& archive) const {
   const auto state = state_dict();
-  if (!state) return; // a disabled scaler saves nothing, as its state dict is empty
+  if (!state) return;  // a disabled scaler saves nothing, as its state dict is empty
   archive.write(kScaleKey, state->scale);
   archive.write(kGrowthFactorKey, state->growth_factor);
   archive.write(kBackoffFactorKey, state->backoff_factor);
@@ -517,7 +518,7 @@ void GradScaler::load(torch::serialize::InputArchive& archive) {
   if (!is_enabled()) return;
   const auto scale = read_optional<double>(archive, kScaleKey);
   if (!scale) {
-    load_state_dict(std::nullopt); // throws: the archive came from a disabled scaler
+    load_state_dict(std::nullopt);  // throws: the archive came from a disabled scaler
     return;
   }
   GradScalerState state;
@@ -553,4 +554,4 @@ torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archi
   return archive;
 }
 
-} // namespace ampkit
+}  // namespace ampkit

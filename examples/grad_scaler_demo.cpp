@@ -26,7 +26,7 @@ int main() {
     }
     opt.zero_grad();
     scaler.scale(loss).backward();
-    scaler.unscale_(opt); // grads are now true gradients: clip them
+    scaler.unscale_(opt);  // grads are now true gradients: clip them
     torch::nn::utils::clip_grad_norm_(model->parameters(), 1.0, 2.0, /*error_if_nonfinite=*/false);
     const bool applied = scaler.step(opt);
     scaler.update();

@@ -20,4 +20,4 @@ void bind_grad_scaler(py::module_& m);
 void bind_optim(py::module_& m);
 void bind_trainer(py::module_& m);
 
-} // namespace ampkit::python
+}  // namespace ampkit::python

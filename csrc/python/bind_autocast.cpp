@@ -14,13 +14,13 @@ namespace {
 // A region entered and left by explicit calls: Python's `with` decides when, not the
 // garbage collector.
 class PyAutocastRegion {
-public:
+ public:
   PyAutocastRegion(const std::string& device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled)
-      : device_type_(parse_device_type(device_type)), dtype_(dtype), enabled_(enabled),
-        cache_enabled_(cache_enabled) {}
+      : device_type_(parse_device_type(device_type)), dtype_(dtype), enabled_(enabled), cache_enabled_(cache_enabled) {}
 
   void enter() {
-    TORCH_CHECK(!region_, "ampkit._C._AutocastRegion.enter: expected a region that is not entered, got one "
+    TORCH_CHECK(!region_,
+                "ampkit._C._AutocastRegion.enter: expected a region that is not entered, got one "
                 "already entered");
     region_ = detail::enter_autocast(device_type_, dtype_, enabled_, cache_enabled_);
   }
@@ -31,7 +31,7 @@ public:
     region_.reset();
   }
 
-private:
+ private:
   c10::DeviceType device_type_;
   c10::ScalarType dtype_;
   bool enabled_;
@@ -39,11 +39,10 @@ private:
   std::optional<detail::AutocastRegion> region_;
 };
 
-} // namespace
+}  // namespace
 
 void bind_autocast(py::module_& m) {
-  py::class_<PyAutocastRegion>(m, "_AutocastRegion",
-                               "One autocast region; ampkit.autocast enters and leaves it.")
+  py::class_<PyAutocastRegion>(m, "_AutocastRegion", "One autocast region; ampkit.autocast enters and leaves it.")
       .def(py::init<const std::string&, c10::ScalarType, bool, bool>(), py::arg("device_type"), py::arg("dtype"),
            py::arg("enabled"), py::arg("cache_enabled"))
       .def("enter", &PyAutocastRegion::enter, "Enters the region on the calling thread.")
@@ -78,4 +77,4 @@ void bind_autocast(py::module_& m) {
   m.def("clear_autocast_cache", &clear_autocast_cache, "Drops this thread's cached weight casts.");
 }
 
-} // namespace ampkit::python
+}  // namespace ampkit::python

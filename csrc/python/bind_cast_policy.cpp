@@ -46,10 +46,12 @@ void bind_cast_policy(py::module_& m) {
   m.def(
       "reset_policies",
       [](const std::optional<std::string>& device_type) {
-        if (device_type) reset_policies(parse_device_type(*device_type));
-        else reset_policies();
+        if (device_type)
+          reset_policies(parse_device_type(*device_type));
+        else
+          reset_policies();
       },
       py::arg("device_type") = py::none(), "Restores the default table of device_type, or of every device type.");
 }
 
-} // namespace ampkit::python
+}  // namespace ampkit::python

@@ -45,7 +45,7 @@ std::optional<T> state_number(const py::dict& sd, const char* key, bool required
   }
 }
 
-} // namespace
+}  // namespace
 
 void bind_grad_scaler(py::module_& m) {
   m.def(
@@ -104,8 +104,8 @@ void bind_grad_scaler(py::module_& m) {
          const std::vector<at::Tensor>& found_infs, double growth_factor, double backoff_factor,
          int64_t growth_interval, double min_scale, double max_scale, int64_t hysteresis) {
         // The scale is valid (it was checked when set); only the update parameters matter here.
-        const auto options = make_options(min_scale, growth_factor, backoff_factor, growth_interval, min_scale,
-                                          max_scale, hysteresis);
+        const auto options =
+            make_options(min_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale, hysteresis);
         detail::update_scale_(scale, growth_tracker, overflow_streak, found_infs, options);
       },
       py::arg("scale"), py::arg("growth_tracker"), py::arg("overflow_streak"), py::arg("found_infs"),
@@ -116,4 +116,4 @@ void bind_grad_scaler(py::module_& m) {
       py::call_guard<py::gil_scoped_release>());
 }
 
-} // namespace ampkit::python
+}  // namespace ampkit::python

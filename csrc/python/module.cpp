@@ -13,11 +13,13 @@ c10::DeviceType parse_device_type(const std::string& device_type) {
   }
 }
 
-} // namespace ampkit::python
+}  // namespace ampkit::python
 
 PYBIND11_MODULE(_C, m) {
   namespace py = pybind11;
-  m.doc() = "ampkit's C++ core: cast-policy tables, autocast regions, gradient scaling, fused optimizers, the trainer's clipping";
+  m.doc() =
+      "ampkit's C++ core: cast-policy tables, autocast regions, gradient scaling, fused optimizers, the trainer's "
+      "clipping";
   // c10 errors arrive as the Python exceptions torch raises for them, without the C++ backtrace.
   py::register_exception_translator([](std::exception_ptr p) {
     try {

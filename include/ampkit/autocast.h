@@ -20,13 +20,13 @@ namespace detail {
 /// Used by AutocastGuard and by the Python binding, whose regions are not C++ scopes.
 struct AutocastRegion {
   c10::DeviceType device_type = c10::DeviceType::CPU;
-  int depth = 0;                   ///< nesting depth on this thread once entered
-  bool prev_enabled = false;       ///< ampkit state of the device before entering
+  int depth = 0;              ///< nesting depth on this thread once entered
+  bool prev_enabled = false;  ///< ampkit state of the device before entering
   c10::ScalarType prev_dtype = c10::ScalarType::Undefined;
   bool prev_cache_enabled = true;
   bool prev_key_included = false;  ///< AutocastPrivateUse1 bits in the thread-local sets
   bool prev_key_excluded = true;
-  bool prev_torch_enabled = false; ///< torch's native autocast for the device
+  bool prev_torch_enabled = false;  ///< torch's native autocast for the device
 };
 
 /// Throws c10::ValueError unless \p device_type has a policy table and \p dtype is fp16 or bf16.
@@ -34,13 +34,12 @@ void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype
 
 /// Validates the arguments, then enters a region on the calling thread. Throws c10::Error
 /// (nothing changed) for a device type without a table or a dtype other than fp16 / bf16.
-AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled,
-                              bool cache_enabled);
+AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled);
 
 /// Leaves \p region. Regions must be left innermost first on the thread that entered them:
 /// otherwise throws c10::Error and changes nothing.
 void exit_autocast(const AutocastRegion& region);
-} // namespace detail
+}  // namespace detail
 
 /// RAII autocast region. Non-copyable and non-movable; nestable (an inner guard may change
 /// the dtype or disable autocast); thread-local; exception-safe (the destructor restores
@@ -48,16 +47,14 @@ void exit_autocast(const AutocastRegion& region);
 /// torch's native autocast for that device type is switched off so that ops are not cast twice,
 /// and it is restored on exit. Leaving the outermost guard of a thread clears its weight cache.
 class AutocastGuard {
-public:
+ public:
   /// \param device_type c10::kCPU or c10::kCUDA
   /// \param dtype c10::kHalf or c10::kBFloat16
   /// \param enabled false makes a region in which ampkit casts nothing on \p device_type
   /// \param cache_enabled cache the lower-precision casts of fp32 leaf weights in the region
-  AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled = true,
-                bool cache_enabled = true);
+  AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled = true, bool cache_enabled = true);
   /// Uses torch's autocast dtype of the device type (by default CPU bf16, CUDA fp16).
-  explicit AutocastGuard(c10::DeviceType device_type, bool enabled = true,
-                         bool cache_enabled = true);
+  explicit AutocastGuard(c10::DeviceType device_type, bool enabled = true, bool cache_enabled = true);
   ~AutocastGuard();
 
   AutocastGuard(const AutocastGuard&) = delete;
@@ -67,7 +64,7 @@ public:
 
   c10::DeviceType device_type() const { return region_.device_type; }
 
-private:
+ private:
   detail::AutocastRegion region_;
 };
 
@@ -89,4 +86,4 @@ std::size_t autocast_cache_size();
 /// Drops this thread's cached weight casts (done anyway when the outermost region exits).
 void clear_autocast_cache();
 
-} // namespace ampkit
+}  // namespace ampkit

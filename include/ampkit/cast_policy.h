@@ -88,4 +88,4 @@ void reset_policies(c10::DeviceType device_type);
 /// Restores the default tables of every device type.
 void reset_policies();
 
-} // namespace ampkit
+}  // namespace ampkit

@@ -28,11 +28,11 @@
 
 namespace torch::optim {
 class Optimizer;
-} // namespace torch::optim
+}  // namespace torch::optim
 namespace torch::serialize {
 class InputArchive;
 class OutputArchive;
-} // namespace torch::serialize
+}  // namespace torch::serialize
 
 namespace ampkit {
 
@@ -41,25 +41,49 @@ namespace ampkit {
 /// (or by validate()), which throws c10::ValueError naming the offending option.
 struct GradScalerOptions {
   /// Scale before the first update() (torch: 2**16). Finite, > 0, within [min_scale, max_scale].
-  GradScalerOptions& init_scale(double v) { init_scale_ = v; return *this; }
+  GradScalerOptions& init_scale(double v) {
+    init_scale_ = v;
+    return *this;
+  }
   /// Factor applied after growth_interval consecutive steps without inf/NaN (> 1).
-  GradScalerOptions& growth_factor(double v) { growth_factor_ = v; return *this; }
+  GradScalerOptions& growth_factor(double v) {
+    growth_factor_ = v;
+    return *this;
+  }
   /// Factor applied after a step with inf/NaN grads (in (0, 1)).
-  GradScalerOptions& backoff_factor(double v) { backoff_factor_ = v; return *this; }
+  GradScalerOptions& backoff_factor(double v) {
+    backoff_factor_ = v;
+    return *this;
+  }
   /// Consecutive finite steps before the scale grows (> 0).
-  GradScalerOptions& growth_interval(int64_t v) { growth_interval_ = v; return *this; }
+  GradScalerOptions& growth_interval(int64_t v) {
+    growth_interval_ = v;
+    return *this;
+  }
   /// false: scale() returns its input, step() just calls optimizer.step(), the rest is a no-op.
-  GradScalerOptions& enabled(bool v) { enabled_ = v; return *this; }
+  GradScalerOptions& enabled(bool v) {
+    enabled_ = v;
+    return *this;
+  }
   /// Lower bound of the scale (> 0). The default, the smallest positive normal float, keeps a
   /// long run of overflows from driving the scale into denormals and then to 0 (pytorch#99640).
-  GradScalerOptions& min_scale(double v) { min_scale_ = v; return *this; }
+  GradScalerOptions& min_scale(double v) {
+    min_scale_ = v;
+    return *this;
+  }
   /// Upper bound of the scale (>= min_scale, may be +inf). With the default +inf the only bound is
   /// torch's: a growth whose result would not be finite is not applied.
-  GradScalerOptions& max_scale(double v) { max_scale_ = v; return *this; }
+  GradScalerOptions& max_scale(double v) {
+    max_scale_ = v;
+    return *this;
+  }
   /// Back off only after this many consecutive steps with inf/NaN (>= 1). 1 is torch's
   /// behaviour; larger values tolerate isolated overflows, as DeepSpeed's loss scaler does
   /// (its consecutive_hysteresis mode). A step with inf/NaN is skipped either way.
-  GradScalerOptions& hysteresis(int64_t v) { hysteresis_ = v; return *this; }
+  GradScalerOptions& hysteresis(int64_t v) {
+    hysteresis_ = v;
+    return *this;
+  }
 
   double init_scale() const { return init_scale_; }
   double growth_factor() const { return growth_factor_; }
@@ -74,13 +98,13 @@ struct GradScalerOptions {
   /// every option is in range.
   void validate() const;
 
-private:
+ private:
   double init_scale_ = 65536.0;
   double growth_factor_ = 2.0;
   double backoff_factor_ = 0.5;
   int64_t growth_interval_ = 2000;
   bool enabled_ = true;
-  double min_scale_ = 1.1754943508222875e-38; // FLT_MIN, the smallest positive normal float
+  double min_scale_ = 1.1754943508222875e-38;  // FLT_MIN, the smallest positive normal float
   double max_scale_ = std::numeric_limits<double>::infinity();
   int64_t hysteresis_ = 1;
 };
@@ -96,7 +120,7 @@ private:
 /// GradScaler::step detects it with dynamic_cast and then calls step_scaled() instead of
 /// unscaling the grads, reading found_inf on the host and calling step().
 class ScaleAwareOptimizer {
-public:
+ public:
   virtual ~ScaleAwareOptimizer() = default;
 
   /// Applies one step. Must not synchronize with the host.
@@ -141,7 +165,7 @@ enum class OptimizerStage { Ready, Unscaled, Stepped };
 /// (0-dim int32) live on the device of the first tensor given to scale(); update() changes them
 /// there without synchronizing.
 class GradScaler {
-public:
+ public:
   explicit GradScaler(GradScalerOptions options = {});
 
   /// \p outputs times the scale (a new tensor); \p outputs itself when disabled. The first call
@@ -230,7 +254,7 @@ public:
   /// Reads what save() wrote, through load_state_dict().
   void load(torch::serialize::InputArchive& archive);
 
-private:
+ private:
   struct PerOptimizerState {
     OptimizerStage stage = OptimizerStage::Ready;
     std::vector<at::Tensor> found_inf_per_device;
@@ -242,17 +266,17 @@ private:
   void record_step(const at::Tensor& found_inf, std::optional<bool> skipped);
 
   GradScalerOptions options_;
-  at::Tensor scale_;          // 0-dim float32, created by the first scale()
-  at::Tensor growth_tracker_; // 0-dim int32
-  at::Tensor overflow_streak_; // 0-dim int32
+  at::Tensor scale_;            // 0-dim float32, created by the first scale()
+  at::Tensor growth_tracker_;   // 0-dim int32
+  at::Tensor overflow_streak_;  // 0-dim int32
   int64_t init_growth_tracker_ = 0;
   int64_t init_overflow_streak_ = 0;
   // Keyed by address, as torch keys by id(optimizer); emptied by update().
   std::unordered_map<const torch::optim::Optimizer*, PerOptimizerState> per_optimizer_;
   at::Tensor last_step_skipped_;
   int64_t steps_ = 0;
-  int64_t host_skipped_ = 0;  // skips seen on the host (the synchronizing path)
-  at::Tensor device_skipped_; // int64 count of skips of sync-free steps, created on first use
+  int64_t host_skipped_ = 0;   // skips seen on the host (the synchronizing path)
+  at::Tensor device_skipped_;  // int64 count of skips of sync-free steps, created on first use
 };
 
 /// `archive << scaler` and `archive >> scaler`, so that torch::save / torch::load work.
@@ -271,8 +295,7 @@ at::Tensor reciprocal_scale(const at::Tensor& scale);
 /// (0-dim float32, 1 if any grad on that device is inf/NaN) per device, in order of first
 /// appearance; the one on inv_scale's device is created there. Params without grad are skipped.
 /// Throws c10::ValueError on fp16 grads unless \p allow_fp16, before changing anything.
-std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale,
-                                       bool allow_fp16);
+std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale, bool allow_fp16);
 
 /// GradScalerOptions::validate(), optionally without the check that init_scale lies within
 /// [min_scale, max_scale] (setters and loaded state dicts may move the bounds past it).
@@ -287,6 +310,6 @@ GradScalerOptions options_from_state(const GradScalerState& state, const GradSca
 /// device. With hysteresis 1 the scale follows at::_amp_update_scale_ bit for bit, then the bounds.
 void update_scale_(at::Tensor& scale, at::Tensor& growth_tracker, at::Tensor& overflow_streak,
                    at::ArrayRef<at::Tensor> found_infs, const GradScalerOptions& options);
-} // namespace detail
+}  // namespace detail
 
-} // namespace ampkit
+}  // namespace ampkit

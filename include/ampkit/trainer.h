@@ -28,7 +28,7 @@
 
 namespace torch::nn {
 class Module;
-} // namespace torch::nn
+}  // namespace torch::nn
 
 namespace ampkit {
 
@@ -37,24 +37,50 @@ struct TrainerOptions {
   /// \param device_type device type of the autocast region and of the parameters (cpu, cuda)
   TrainerOptions(c10::DeviceType device_type = c10::kCPU) : device_type_(device_type) {}
 
-  TrainerOptions& device_type(c10::DeviceType v) { device_type_ = v; return *this; }
+  TrainerOptions& device_type(c10::DeviceType v) {
+    device_type_ = v;
+    return *this;
+  }
   /// Autocast dtype (fp16 or bf16). Default: torch's autocast dtype of the device type
   /// (CPU bf16, CUDA fp16).
-  TrainerOptions& dtype(c10::ScalarType v) { dtype_ = v; return *this; }
+  TrainerOptions& dtype(c10::ScalarType v) {
+    dtype_ = v;
+    return *this;
+  }
   /// false: run the closure without autocast (plain fp32; the rest of the recipe stays).
-  TrainerOptions& autocast(bool v) { autocast_ = v; return *this; }
+  TrainerOptions& autocast(bool v) {
+    autocast_ = v;
+    return *this;
+  }
   /// Loss scaling with these options. Default: a default GradScaler under fp16, none under bf16,
   /// whose range makes scaling unnecessary.
-  TrainerOptions& scaler(GradScalerOptions v) { scaler_ = v; scaler_set_ = true; return *this; }
+  TrainerOptions& scaler(GradScalerOptions v) {
+    scaler_ = v;
+    scaler_set_ = true;
+    return *this;
+  }
   /// No loss scaling whatever the dtype.
-  TrainerOptions& no_scaler() { scaler_.reset(); scaler_set_ = true; return *this; }
+  TrainerOptions& no_scaler() {
+    scaler_.reset();
+    scaler_set_ = true;
+    return *this;
+  }
   /// Micro-batches per optimizer step (>= 1); each micro-batch loss is divided by it.
-  TrainerOptions& accumulation_steps(int64_t v) { accumulation_steps_ = v; return *this; }
+  TrainerOptions& accumulation_steps(int64_t v) {
+    accumulation_steps_ = v;
+    return *this;
+  }
   /// Clip the total 2-norm of the grads to this value (> 0) before each step, as
   /// torch.nn.utils.clip_grad_norm_ after unscaling. Default: no clipping.
-  TrainerOptions& max_grad_norm(std::optional<double> v) { max_grad_norm_ = v; return *this; }
+  TrainerOptions& max_grad_norm(std::optional<double> v) {
+    max_grad_norm_ = v;
+    return *this;
+  }
   /// zero_grad(set_to_none) after each step (default true, as torch).
-  TrainerOptions& zero_grad_set_to_none(bool v) { zero_grad_set_to_none_ = v; return *this; }
+  TrainerOptions& zero_grad_set_to_none(bool v) {
+    zero_grad_set_to_none_ = v;
+    return *this;
+  }
 
   c10::DeviceType device_type() const { return device_type_; }
   /// The dtype set, else the device type's default autocast dtype.
@@ -69,7 +95,7 @@ struct TrainerOptions {
   /// Throws c10::ValueError naming the option unless every option is in range.
   void validate() const;
 
-private:
+ private:
   c10::DeviceType device_type_;
   std::optional<c10::ScalarType> dtype_;
   bool autocast_ = true;
@@ -83,7 +109,7 @@ private:
 /// What one Trainer::step did. The tensors live on the device and are read lazily: the tensor
 /// accessors never synchronize, the double / bool ones do.
 class StepStats {
-public:
+ public:
   /// The closure's loss (before division by accumulation_steps), detached. 0-dim.
   const at::Tensor& loss_tensor() const { return loss_; }
   /// The scale the loss was multiplied by (a copy, 0-dim float32); undefined without a scaler.
@@ -97,12 +123,12 @@ public:
 
   /// Whether this call ran the optimizer step (the last micro-batch of an accumulation); no sync.
   bool stepped() const { return stepped_; }
-  double loss() const;              ///< synchronizes
-  double scale() const;             ///< synchronizes; 1 without a scaler
-  bool skipped() const;             ///< synchronizes
-  std::optional<double> grad_norm() const; ///< synchronizes; nullopt when not computed
+  double loss() const;                      ///< synchronizes
+  double scale() const;                     ///< synchronizes; 1 without a scaler
+  bool skipped() const;                     ///< synchronizes
+  std::optional<double> grad_norm() const;  ///< synchronizes; nullopt when not computed
 
-private:
+ private:
   friend class Trainer;
   at::Tensor loss_, scale_, skipped_, grad_norm_;
   bool stepped_ = false;
@@ -111,7 +137,7 @@ private:
 /// The AMP training step for any torch::optim::Optimizer. Not thread-safe; the optimizer (and
 /// the model, if given) must outlive the trainer.
 class Trainer {
-public:
+ public:
   using Closure = std::function<at::Tensor()>;
 
   /// Throws c10::ValueError for bad options, an optimizer without parameters, or parameters not
@@ -148,7 +174,7 @@ public:
   void save(const std::string& path) const;
   void load(const std::string& path);
 
-private:
+ private:
   torch::nn::Module* model_ = nullptr;
   torch::optim::Optimizer& optimizer_;
   TrainerOptions options_;
@@ -167,6 +193,6 @@ namespace detail {
 /// (0-dim, on the first grad's device; a 0 on CPU when no param has a grad). Shared with
 /// ampkit.Trainer in Python.
 at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm);
-} // namespace detail
+}  // namespace detail
 
-} // namespace ampkit
+}  // namespace ampkit

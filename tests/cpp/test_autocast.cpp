@@ -22,14 +22,15 @@ TORCH_LIBRARY(ampkit_test, m) {
 namespace {
 
 at::Tensor call_scale2(const at::Tensor& x) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ampkit_test::scale2", "").typed<at::Tensor(const at::Tensor&)>();
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ampkit_test::scale2", "").typed<at::Tensor(const at::Tensor&)>();
   return op.call(x);
 }
 
 bool key_included() { return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::AutocastPrivateUse1); }
 bool key_excluded() { return c10::impl::tls_is_dispatch_key_excluded(c10::DispatchKey::AutocastPrivateUse1); }
 
-} // namespace
+}  // namespace
 
 TEST_CASE("each policy casts as torch does, bitwise against casting by hand", "[autocast]") {
   ResetPoliciesOnExit reset;
@@ -136,13 +137,13 @@ TEST_CASE("ops outside the table run unchanged", "[autocast]") {
 
 TEST_CASE("guards nest and restore the state exactly", "[autocast]") {
   auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
-  at::autocast::set_autocast_enabled(c10::kCPU, true); // torch's own autocast on around the guards
+  at::autocast::set_autocast_enabled(c10::kCPU, true);  // torch's own autocast on around the guards
   const bool inc0 = key_included(), exc0 = key_excluded();
   CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
   {
     AutocastGuard outer(c10::kCPU, at::kBFloat16);
     CHECK(ampkit::is_autocast_enabled(c10::kCPU));
-    CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU)); // switched off: no double casts
+    CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU));  // switched off: no double casts
     CHECK(ampkit::autocast_nesting_depth() == 1);
     CHECK(torch::mm(a, b).scalar_type() == at::kBFloat16);
     {
@@ -199,9 +200,10 @@ TEST_CASE("bad guard arguments are refused and change nothing", "[autocast]") {
 TEST_CASE("regions must be left innermost first", "[autocast]") {
   auto outer = ampkit::detail::enter_autocast(c10::kCPU, at::kBFloat16, true, true);
   auto inner = ampkit::detail::enter_autocast(c10::kCPU, at::kHalf, true, true);
-  CHECK_THAT(error_of([&] { ampkit::detail::exit_autocast(outer); }),
-             Contains("expected to leave the innermost autocast region of this thread (depth 2), got a region of depth 1"));
-  CHECK(ampkit::get_autocast_dtype(c10::kCPU) == at::kHalf); // unchanged by the refused exit
+  CHECK_THAT(
+      error_of([&] { ampkit::detail::exit_autocast(outer); }),
+      Contains("expected to leave the innermost autocast region of this thread (depth 2), got a region of depth 1"));
+  CHECK(ampkit::get_autocast_dtype(c10::kCPU) == at::kHalf);  // unchanged by the refused exit
   ampkit::detail::exit_autocast(inner);
   ampkit::detail::exit_autocast(outer);
   CHECK(ampkit::autocast_nesting_depth() == 0);
@@ -237,7 +239,7 @@ TEST_CASE("guards are thread-local: two threads with different guards at once", 
   t2.join();
   t3.join();
   CHECK(failures.load() == 0);
-  CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU)); // nothing leaked into this thread
+  CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));  // nothing leaked into this thread
 }
 
 TEST_CASE("table edits take effect while guards are alive, alongside other threads", "[autocast]") {
@@ -270,7 +272,7 @@ TEST_CASE("a custom operator gets a policy at run time", "[autocast]") {
   auto low = x.to(at::kBFloat16);
   {
     AutocastGuard g(c10::kCPU);
-    CHECK(call_scale2(x).scalar_type() == at::kFloat); // no entry yet
+    CHECK(call_scale2(x).scalar_type() == at::kFloat);  // no entry yet
   }
   ampkit::set_policy(c10::kCPU, "ampkit_test::scale2", CastPolicy::lower_precision_fp);
   {
@@ -282,7 +284,7 @@ TEST_CASE("a custom operator gets a policy at run time", "[autocast]") {
     AutocastGuard g(c10::kCPU);
     CHECK(bitwise_equal(call_scale2(low), low.to(at::kFloat) * 2));
   }
-  CHECK(call_scale2(low).scalar_type() == at::kBFloat16); // outside the guard
+  CHECK(call_scale2(low).scalar_type() == at::kBFloat16);  // outside the guard
 }
 
 TEST_CASE("grads reach fp32 leaves in fp32", "[autocast]") {
@@ -319,7 +321,7 @@ TEST_CASE("the weight cache: once per region, cleared on exit, no growth", "[aut
       CHECK(cast1.get() == cast2.get());
       // Inputs that are not leaf weights are not cached.
       auto h = torch::mm(torch::mm(x, w), w.t());
-      CHECK(ampkit::autocast_cache_size() == 1); // w.t() is a view: cast anew, not cached
+      CHECK(ampkit::autocast_cache_size() == 1);  // w.t() is a view: cast anew, not cached
       (void)h;
     }
     CHECK(ampkit::autocast_cache_size() == 0);

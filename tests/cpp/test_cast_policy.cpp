@@ -28,7 +28,7 @@ std::set<std::string> keys_of(const ampkit::PolicyMap& m) {
   return out;
 }
 
-} // namespace
+}  // namespace
 
 TEST_CASE("default tables list exactly the ops torch's own autocast registers", "[cast_policy]") {
   SECTION("cpu") {

@@ -102,8 +102,7 @@ std::vector<at::Tensor> adam_state(torch::optim::Adam& opt) {
   std::vector<at::Tensor> out;
   for (const auto& group : opt.param_groups()) {
     for (const auto& p : group.params()) {
-      const auto& state = static_cast<torch::optim::AdamParamState&>(
-          *opt.state().at(p.unsafeGetTensorImpl()));
+      const auto& state = static_cast<torch::optim::AdamParamState&>(*opt.state().at(p.unsafeGetTensorImpl()));
       out.push_back(torch::full({}, state.step(), torch::kLong));
       out.push_back(state.exp_avg().clone());
       out.push_back(state.exp_avg_sq().clone());
@@ -123,7 +122,7 @@ bool all_bitwise_equal(const std::vector<at::Tensor>& a, const std::vector<at::T
 // The sync-free test double: SGD whose update is pure tensor arithmetic on the device, gated by
 // found_inf, so GradScaler must hand it the scale instead of unscaling and reading found_inf.
 class ScaleAwareSGD : public torch::optim::SGD, public ampkit::ScaleAwareOptimizer {
-public:
+ public:
   ScaleAwareSGD(const std::vector<at::Tensor>& params, double lr)
       : torch::optim::SGD(params, torch::optim::SGDOptions(lr)), lr_(lr) {}
 
@@ -136,7 +135,7 @@ public:
     ++scaled_steps;
     last_grad_scale_defined = grad_scale.defined();
     torch::NoGradGuard no_grad;
-    const at::Tensor keep = found_inf.eq(0).to(at::kFloat); // 1 applies the update, 0 skips it
+    const at::Tensor keep = found_inf.eq(0).to(at::kFloat);  // 1 applies the update, 0 skips it
     for (auto& group : param_groups()) {
       for (auto& p : group.params()) {
         if (!p.grad().defined()) continue;
@@ -151,11 +150,11 @@ public:
   int scaled_steps = 0;
   bool last_grad_scale_defined = false;
 
-private:
+ private:
   double lr_;
 };
 
-} // namespace
+}  // namespace
 
 TEST_CASE("GradScalerOptions: torch's defaults and chained setters", "[grad_scaler]") {
   const GradScalerOptions o;
@@ -168,8 +167,15 @@ TEST_CASE("GradScalerOptions: torch's defaults and chained setters", "[grad_scal
   CHECK(std::isinf(o.max_scale()));
   CHECK(o.hysteresis() == 1);
 
-  const auto c = GradScalerOptions().init_scale(8).growth_factor(4).backoff_factor(0.25).growth_interval(3).enabled(false)
-                     .min_scale(1).max_scale(1024).hysteresis(2);
+  const auto c = GradScalerOptions()
+                     .init_scale(8)
+                     .growth_factor(4)
+                     .backoff_factor(0.25)
+                     .growth_interval(3)
+                     .enabled(false)
+                     .min_scale(1)
+                     .max_scale(1024)
+                     .hysteresis(2);
   CHECK(c.init_scale() == 8);
   CHECK(c.growth_factor() == 4);
   CHECK(c.backoff_factor() == 0.25);
@@ -267,8 +273,8 @@ TEST_CASE("GradScaler: the scaling fixture with SGD and Adam", "[grad_scaler]") 
 
 TEST_CASE("GradScaler: clipping after unscale_", "[grad_scaler]") {
   // The inf goes in before unscale_, which is where found_inf is computed (as in PyTorch's test).
-  const RunFn run = [](const std::vector<Batch>& data, Net& net, torch::optim::Optimizer& opt,
-                              GradScaler& scaler, int skip_iter, bool try_scaling_api) {
+  const RunFn run = [](const std::vector<Batch>& data, Net& net, torch::optim::Optimizer& opt, GradScaler& scaler,
+                       int skip_iter, bool try_scaling_api) {
     const double max_norm = 0.2;
     for (int i = 0; i < static_cast<int>(data.size()); ++i) {
       opt.zero_grad();
@@ -463,7 +469,7 @@ TEST_CASE("GradScaler: misuse errors name the call and the state", "[grad_scaler
     CHECK(scaler.stage(opt) == ampkit::OptimizerStage::Ready);
     CHECK(scaler.found_inf_per_device(opt).empty());
     CHECK(scaler.steps_applied() == 0);
-    scaler.unscale_(opt); // allowed, as in torch: nothing to unscale
+    scaler.unscale_(opt);  // allowed, as in torch: nothing to unscale
     CHECK(error_of([&] { scaler.step(opt); }) == no_grads);
     CHECK(scaler.stage(opt) == ampkit::OptimizerStage::Unscaled);
   }
@@ -503,7 +509,7 @@ TEST_CASE("GradScaler: update(new_scale) sets the scale", "[grad_scaler]") {
   (void)scaler.scale(torch::ones({1}));
   scaler.update(16.0);
   CHECK(scaler.get_scale() == 16);
-  scaler.update(torch::full({1}, 4096.0)); // clamped on the device
+  scaler.update(torch::full({1}, 4096.0));  // clamped on the device
   CHECK(scaler.get_scale() == 1024);
   scaler.update(torch::full({}, 0.5));
   CHECK(scaler.get_scale() == 2);
@@ -536,7 +542,7 @@ TEST_CASE("GradScaler: a disabled scaler is a pass-through", "[grad_scaler]") {
   scaler.unscale_(opt);
   poison_grad(net.params[0], 1.0);
   CHECK(scaler.step(opt));
-  CHECK(scaler.step(opt)); // no stages when disabled, as in torch
+  CHECK(scaler.step(opt));  // no stages when disabled, as in torch
   scaler.update();
   CHECK_FALSE(params_equal(before, net));
   CHECK(scaler.get_scale() == 1.0);
@@ -560,7 +566,7 @@ TEST_CASE("GradScaler: state dict round trip, with torch's keys", "[grad_scaler]
   a.scale(loss_of(net, make_data(9, 1)[0])).backward();
   poison_grad(net.params[0]);
   a.step(opt);
-  a.update(); // first overflow of a streak: held by hysteresis 2
+  a.update();  // first overflow of a streak: held by hysteresis 2
 
   const auto sd = a.state_dict();
   REQUIRE(sd.has_value());
@@ -676,16 +682,16 @@ TEST_CASE("GradScaler: min_scale, max_scale and hysteresis", "[grad_scaler]") {
     CHECK(s.get_overflow_streak() == 1);
     CHECK(iterate(s, true) == 64);
     CHECK(iterate(s, true) == 32);
-    CHECK(iterate(s, true) == 16); // the streak goes on: every further overflow backs off
+    CHECK(iterate(s, true) == 16);  // the streak goes on: every further overflow backs off
     CHECK(s.get_overflow_streak() == 3);
     CHECK(iterate(s, false) == 16);
     CHECK(s.get_overflow_streak() == 0);
     CHECK(s.get_growth_tracker() == 1);
-    CHECK(iterate(s, true) == 16); // a new streak starts, and resets the growth tracker
+    CHECK(iterate(s, true) == 16);  // a new streak starts, and resets the growth tracker
     CHECK(s.get_growth_tracker() == 0);
     CHECK(iterate(s, false) == 16);
     CHECK(iterate(s, false) == 32);
-    CHECK(s.steps_skipped() == 5); // held backoffs still skip the step
+    CHECK(s.steps_skipped() == 5);  // held backoffs still skip the step
   }
   SECTION("set_hysteresis restarts the streak") {
     GradScaler s(GradScalerOptions().init_scale(64).hysteresis(2));
@@ -796,7 +802,7 @@ TEST_CASE("GradScaler: the sync-free path of a ScaleAwareOptimizer", "[grad_scal
       scaler.unscale_(opt_scaled);
     }
     ref_scaler.step(opt_control);
-    CHECK(scaler.step(opt_scaled)); // handed over; the skip happens on the device
+    CHECK(scaler.step(opt_scaled));  // handed over; the skip happens on the device
     CHECK(opt_scaled.last_grad_scale_defined == !unscale_first);
     CHECK(scaler.last_step_skipped().item<bool>() == (i == 2));
     ref_scaler.update();
@@ -834,7 +840,7 @@ TEST_CASE("GradScaler: grads on two devices (CUDA)", "[grad_scaler][cuda]") {
 
   opt.zero_grad();
   scaler.scale((on_cuda * 2).sum() + (on_cpu * 3).sum().to(torch::kCUDA)).backward();
-  poison_grad(on_cpu); // an overflow on the CPU backs off the scale on CUDA
+  poison_grad(on_cpu);  // an overflow on the CPU backs off the scale on CUDA
   CHECK_FALSE(scaler.step(opt));
   scaler.update();
   CHECK(scaler.get_scale() == 256);

@@ -33,4 +33,4 @@ std::string error_of(F&& fn) {
   return "";
 }
 
-} // namespace ampkit_test
+}  // namespace ampkit_test
