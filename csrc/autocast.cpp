@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CachedTensorUtils.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
@@ -14,11 +15,16 @@ namespace ampkit {
 namespace detail {
 namespace {
 
-struct DeviceState {
-  bool enabled = false;
-  c10::ScalarType dtype = c10::ScalarType::Undefined;
-  bool cache_enabled = true;
-};
+// torch's own autocast keys for the device types ampkit has tables for. While ampkit's kernel
+// handles an op they are masked (and excluded for the ops the kernel calls), so that torch's
+// kernels never cast a second time; torch's "enabled" bits stay as they are, so torch and user
+// code that read them see the region (DESIGN.md §6).
+const c10::DispatchKeySet kTorchAutocastKeys{c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA};
+const c10::DispatchKeySet kKernelExcludedKeys = kTorchAutocastKeys | c10::DispatchKeySet(kAutocastKey);
+
+c10::DispatchKey torch_autocast_key(int device) {
+  return device == 0 ? c10::DispatchKey::AutocastCPU : c10::DispatchKey::AutocastCUDA;
+}
 
 // The weak reference keeps the source TensorImpl allocated, so its address (the key)
 // cannot be reused by another tensor while the entry lives.
@@ -28,12 +34,18 @@ struct CacheEntry {
 };
 
 struct ThreadState {
-  std::array<DeviceState, kNumPolicyDevices> devices;
   int depth = 0;
   std::unordered_map<c10::TensorImpl*, CacheEntry> cache;
 };
 
 thread_local ThreadState tls;
+
+// What a call sees of the thread's autocast state, read once per call (torch's TLS).
+struct CallState {
+  c10::DeviceType device_type;
+  c10::ScalarType dtype;  // the region's lower-precision dtype on that device type
+  bool cache_enabled;
+};
 
 bool eligible(const at::Tensor& t, c10::DeviceType device_type) {
   return t.defined() && t.device().type() == device_type && t.is_floating_point() && t.scalar_type() != at::kDouble;
@@ -41,23 +53,30 @@ bool eligible(const at::Tensor& t, c10::DeviceType device_type) {
 
 // torch's cached_cast: only lower-precision casts of fp32 leaves that require grad are
 // cached (model weights), so each weight is cast once per region, forward and backward.
-at::Tensor cast(const at::Tensor& t, c10::ScalarType to, c10::DeviceType device_type, const DeviceState& state) {
-  if (!eligible(t, device_type) || t.scalar_type() == to) return t;
+// The cast is always recorded by autograd, also when made under no_grad: a cast cached during
+// an evaluation pass is then reused by the training pass and gradients still reach the weight
+// (torch does the same since pytorch#158232). Inference mode caches nothing: its tensors cannot
+// join a graph later.
+at::Tensor cast(const at::Tensor& t, c10::ScalarType to, const CallState& state) {
+  if (!eligible(t, state.device_type) || t.scalar_type() == to) return t;
   const bool cacheable = state.cache_enabled && to == state.dtype && t.scalar_type() == at::kFloat &&
                          t.requires_grad() && t.is_leaf() && !t.is_view() && !c10::InferenceMode::is_enabled() &&
                          !at::caching::is_cached_tensor(t);
   if (!cacheable) return t.to(to);
   auto it = tls.cache.find(t.unsafeGetTensorImpl());
   if (it != tls.cache.end()) return it->second.cast;
-  at::Tensor casted = t.to(to);
+  at::Tensor casted;
+  {
+    c10::AutoGradMode record(true);
+    casted = t.to(to);
+  }
   tls.cache.emplace(
       t.unsafeGetTensorImpl(),
       CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), casted});
   return casted;
 }
 
-void cast_arguments(const OpEntry& e, torch::jit::Stack* stack, c10::ScalarType to, c10::DeviceType device_type,
-                    const DeviceState& state) {
+void cast_arguments(const OpEntry& e, torch::jit::Stack* stack, c10::ScalarType to, const CallState& state) {
   const size_t n = e.kinds.size();
   c10::IValue* args = stack->data() + (stack->size() - n);
   for (size_t i = 0; i < n; ++i) {
@@ -65,7 +84,7 @@ void cast_arguments(const OpEntry& e, torch::jit::Stack* stack, c10::ScalarType 
       case ArgKind::Tensor:
       case ArgKind::OptionalTensor:
         if (args[i].isTensor()) {
-          at::Tensor c = cast(args[i].toTensor(), to, device_type, state);
+          at::Tensor c = cast(args[i].toTensor(), to, state);
           if (!c.is_same(args[i].toTensor())) args[i] = std::move(c);
         }
         break;
@@ -74,7 +93,7 @@ void cast_arguments(const OpEntry& e, torch::jit::Stack* stack, c10::ScalarType 
         auto in = args[i].toTensorList();
         c10::List<at::Tensor> out;
         out.reserve(in.size());
-        for (const at::Tensor& t : in) out.push_back(cast(t, to, device_type, state));
+        for (const at::Tensor& t : in) out.push_back(cast(t, to, state));
         args[i] = std::move(out);
         break;
       }
@@ -85,11 +104,11 @@ void cast_arguments(const OpEntry& e, torch::jit::Stack* stack, c10::ScalarType 
 
 // torch's at::autocast::prioritize: the widest floating type among Tensor and Tensor[]
 // arguments; Tensor? arguments do not vote.
-c10::ScalarType promote_type(const OpEntry& e, const torch::jit::Stack* stack, c10::DeviceType device_type,
-                             c10::ScalarType lower) {
+c10::ScalarType promote_type(const OpEntry& e, const torch::jit::Stack* stack, const CallState& state) {
+  const c10::ScalarType lower = state.dtype;
   c10::ScalarType current = lower;
   auto vote = [&](const at::Tensor& t) {
-    if (!t.defined() || t.device().type() != device_type || !t.is_floating_point()) return;
+    if (!t.defined() || t.device().type() != state.device_type || !t.is_floating_point()) return;
     const auto next = t.scalar_type();
     if (next == at::kDouble) return;
     if (current == at::kFloat || next == at::kFloat) {
@@ -112,14 +131,15 @@ c10::ScalarType promote_type(const OpEntry& e, const torch::jit::Stack* stack, c
   return current;
 }
 
-// The device type whose autocast applies: the enabled policy device of highest priority
-// among the tensor arguments, or -1.
-int call_device(const OpEntry& e, const torch::jit::Stack* stack) {
+// The device type whose autocast applies: among the tensor arguments' device types with a
+// table, the one of highest priority (CUDA over CPU, as in torch) whose torch autocast is enabled
+// on this thread (its key not in \p excluded, read before the kernel's own exclusions), or -1.
+int call_device(const OpEntry& e, const torch::jit::Stack* stack, c10::DispatchKeySet excluded) {
   int best = -1;
   auto consider = [&](const at::Tensor& t) {
     if (!t.defined()) return;
     const int d = policy_device_index(t.device().type());
-    if (d > best && tls.devices[d].enabled) best = d;
+    if (d > best && !excluded.has(torch_autocast_key(d))) best = d;
   };
   const size_t n = e.kinds.size();
   const c10::IValue* args = stack->data() + (stack->size() - n);
@@ -139,7 +159,8 @@ int call_device(const OpEntry& e, const torch::jit::Stack* stack) {
 }
 
 void redispatch(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  op.redispatchBoxed(keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kAutocastKey), stack);
+  op.redispatchBoxed((keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kAutocastKey)) - kTorchAutocastKeys,
+                     stack);
 }
 
 constexpr const char* kBinaryCrossEntropyAdvice =
@@ -152,21 +173,21 @@ constexpr const char* kBinaryCrossEntropyAdvice =
 
 void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                          torch::jit::Stack* stack) {
-  // Casts and the op's own decomposition must not come back here.
-  c10::impl::ExcludeDispatchKeyGuard no_reentry(kAutocastKey);
-  const int d = call_device(e, stack);
+  const c10::DispatchKeySet excluded = c10::impl::tls_local_dispatch_key_set().excluded_;
+  // Casts and the op's own decomposition must reach neither this kernel nor torch's.
+  c10::impl::ExcludeDispatchKeyGuard no_reentry(kKernelExcludedKeys);
+  const int d = call_device(e, stack, excluded);
   const std::int8_t raw = d < 0 ? kNoPolicy : e.policy[d].load(std::memory_order_acquire);
   if (raw == kNoPolicy) return redispatch(op, keys, stack);
 
-  const DeviceState& state = tls.devices[d];
   const c10::DeviceType device_type = policy_device_type(d);
+  const CallState state{device_type, at::autocast::get_autocast_dtype(device_type),
+                        at::autocast::is_autocast_cache_enabled()};
   const size_t n = e.kinds.size();
   switch (static_cast<CastPolicy>(raw)) {
-    case CastPolicy::lower_precision_fp: cast_arguments(e, stack, state.dtype, device_type, state); break;
-    case CastPolicy::fp32: cast_arguments(e, stack, at::kFloat, device_type, state); break;
-    case CastPolicy::promote:
-      cast_arguments(e, stack, promote_type(e, stack, device_type, state.dtype), device_type, state);
-      break;
+    case CastPolicy::lower_precision_fp: cast_arguments(e, stack, state.dtype, state); break;
+    case CastPolicy::fp32: cast_arguments(e, stack, at::kFloat, state); break;
+    case CastPolicy::promote: cast_arguments(e, stack, promote_type(e, stack, state), state); break;
     case CastPolicy::fp32_set_opt_dtype: {
       c10::IValue* args = stack->data() + (stack->size() - n);
       if (args[0].isTensor() && eligible(args[0].toTensor(), device_type)) {
@@ -192,35 +213,39 @@ void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::D
   redispatch(op, keys, stack);
 }
 
-void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype) {
-  TORCH_CHECK_VALUE(policy_device_index(device_type) >= 0,
-                    "ampkit.autocast: expected device_type 'cpu' or 'cuda' (a "
-                    "device type with a cast-policy table), got '",
-                    c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
-  TORCH_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16,
-                    "ampkit.autocast: expected dtype torch.float16 or torch.bfloat16, got ", dtype_name(dtype));
+void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled) {
+  TORCH_CHECK(policy_device_index(device_type) >= 0,
+              "ampkit.autocast: expected device_type 'cpu' or 'cuda' (a device type with a cast-policy table), got '",
+              c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
+  TORCH_CHECK_VALUE(!enabled || dtype == at::kHalf || dtype == at::kBFloat16,
+                    "ampkit.autocast: expected dtype torch.float16 or torch.bfloat16 (or enabled=false), got ",
+                    dtype_name(dtype));
 }
 
-AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled) {
-  check_autocast_arguments(device_type, dtype);
-  const int d = policy_device_index(device_type);
+AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled,
+                              std::optional<bool> cache_enabled) {
+  check_autocast_arguments(device_type, dtype, enabled);
   ensure_initialized();
 
   AutocastRegion region;
   region.device_type = device_type;
-  region.prev_enabled = tls.devices[d].enabled;
-  region.prev_dtype = tls.devices[d].dtype;
-  region.prev_cache_enabled = tls.devices[d].cache_enabled;
+  region.prev_torch_enabled = at::autocast::is_autocast_enabled(device_type);
+  region.prev_dtype = at::autocast::get_autocast_dtype(device_type);
+  region.prev_cache_enabled = at::autocast::is_autocast_cache_enabled();
   region.prev_key_included = c10::impl::tls_is_dispatch_key_included(kAutocastKey);
   region.prev_key_excluded = c10::impl::tls_is_dispatch_key_excluded(kAutocastKey);
-  region.prev_torch_enabled = at::autocast::is_autocast_enabled(device_type);
 
-  tls.devices[d] = DeviceState{enabled, dtype, cache_enabled};
-  bool any = false;
-  for (const auto& s : tls.devices) any = any || s.enabled;
-  c10::impl::tls_set_dispatch_key_included(kAutocastKey, any);
-  c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, !any);
-  at::autocast::set_autocast_enabled(device_type, false);
+  // torch.autocast's __enter__, step by step, so that torch sees the region ...
+  at::autocast::set_autocast_enabled(device_type, enabled);
+  at::autocast::set_autocast_dtype(device_type, dtype);
+  at::autocast::increment_nesting();
+  at::autocast::set_autocast_cache_enabled(cache_enabled.value_or(region.prev_cache_enabled));
+  // ... and ampkit's key, so that ampkit's table decides what the ops run in. A disabled region
+  // leaves the key as it was: it costs nothing, and an enclosing ampkit region stays in charge.
+  if (enabled) {
+    c10::impl::tls_set_dispatch_key_included(kAutocastKey, true);
+    c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, false);
+  }
   region.depth = ++tls.depth;
   return region;
 }
@@ -230,20 +255,22 @@ void exit_autocast(const AutocastRegion& region) {
               "ampkit.autocast: expected to leave the innermost autocast region of this thread (depth ", tls.depth,
               "), got a region of depth ", region.depth,
               "; regions must be left in reverse order of entry, on the thread that entered them");
-  const int d = policy_device_index(region.device_type);
-  tls.devices[d] = DeviceState{region.prev_enabled, region.prev_dtype, region.prev_cache_enabled};
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(region.device_type, region.prev_torch_enabled);
+  at::autocast::set_autocast_dtype(region.device_type, region.prev_dtype);
+  at::autocast::set_autocast_cache_enabled(region.prev_cache_enabled);
   c10::impl::tls_set_dispatch_key_included(kAutocastKey, region.prev_key_included);
   c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, region.prev_key_excluded);
-  at::autocast::set_autocast_enabled(region.device_type, region.prev_torch_enabled);
   if (--tls.depth == 0) tls.cache.clear();
 }
 
 }  // namespace detail
 
-AutocastGuard::AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled)
+AutocastGuard::AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled,
+                             std::optional<bool> cache_enabled)
     : region_(detail::enter_autocast(device_type, dtype, enabled, cache_enabled)) {}
 
-AutocastGuard::AutocastGuard(c10::DeviceType device_type, bool enabled, bool cache_enabled)
+AutocastGuard::AutocastGuard(c10::DeviceType device_type, bool enabled, std::optional<bool> cache_enabled)
     : AutocastGuard(device_type, at::autocast::get_autocast_dtype(device_type), enabled, cache_enabled) {}
 
 AutocastGuard::~AutocastGuard() {
@@ -252,19 +279,17 @@ AutocastGuard::~AutocastGuard() {
 }
 
 bool is_autocast_enabled(c10::DeviceType device_type) {
-  const int d = detail::policy_device_index(device_type);
-  return d >= 0 && detail::tls.devices[d].enabled;
+  return detail::policy_device_index(device_type) >= 0 &&
+         c10::impl::tls_is_dispatch_key_included(detail::kAutocastKey) &&
+         !c10::impl::tls_is_dispatch_key_excluded(detail::kAutocastKey) &&
+         at::autocast::is_autocast_enabled(device_type);
 }
 
 c10::ScalarType get_autocast_dtype(c10::DeviceType device_type) {
-  const int d = detail::policy_device_index(device_type);
-  return d >= 0 ? detail::tls.devices[d].dtype : c10::ScalarType::Undefined;
+  return at::autocast::get_autocast_dtype(device_type);
 }
 
-bool is_autocast_cache_enabled(c10::DeviceType device_type) {
-  const int d = detail::policy_device_index(device_type);
-  return d >= 0 && detail::tls.devices[d].cache_enabled;
-}
+bool is_autocast_cache_enabled() { return at::autocast::is_autocast_cache_enabled(); }
 
 int autocast_nesting_depth() { return detail::tls.depth; }
 

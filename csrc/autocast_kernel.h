@@ -58,6 +58,10 @@ void ensure_initialized();
 void run_autocast_kernel(const OpEntry& entry, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                          torch::jit::Stack* stack);
 
+// Bumped by every table edit (set, remove, reset) that succeeds: lets callers that keep
+// something derived from the tables (compiled graphs with the casts baked in) notice a change.
+std::uint64_t policy_generation();
+
 // "torch.float16" for error messages.
 std::string dtype_name(c10::ScalarType dtype);
 

@@ -386,7 +386,10 @@ OpEntry& entry_for(Registry& r, const std::string& op, const c10::OperatorHandle
   return e;
 }
 
+std::atomic<std::uint64_t> generation{0};
+
 void store_policy(OpEntry& e, int device, std::optional<CastPolicy> policy) {
+  generation.fetch_add(1, std::memory_order_relaxed);
   e.policy[device].store(policy ? static_cast<std::int8_t>(*policy) : kNoPolicy, std::memory_order_release);
 }
 
@@ -441,6 +444,8 @@ int checked_device(c10::DeviceType device_type) {
 }
 
 }  // namespace
+
+std::uint64_t policy_generation() { return generation.load(std::memory_order_relaxed); }
 
 void ensure_initialized() {
   auto& r = registry();

@@ -46,7 +46,7 @@ std::optional<GradScalerOptions> TrainerOptions::scaler() const {
 }
 
 void TrainerOptions::validate() const {
-  detail::check_autocast_arguments(device_type_, dtype());
+  detail::check_autocast_arguments(device_type_, dtype(), autocast_);
   TORCH_CHECK_VALUE(accumulation_steps_ >= 1, "Trainer: expected accumulation_steps >= 1, got ", accumulation_steps_);
   TORCH_CHECK_VALUE(!max_grad_norm_.has_value() || (std::isfinite(*max_grad_norm_) && *max_grad_norm_ > 0.0),
                     "Trainer: expected max_grad_norm to be finite and > 0 (or unset), got ",

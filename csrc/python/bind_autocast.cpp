@@ -15,7 +15,8 @@ namespace {
 // garbage collector.
 class PyAutocastRegion {
  public:
-  PyAutocastRegion(const std::string& device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled)
+  PyAutocastRegion(const std::string& device_type, c10::ScalarType dtype, bool enabled,
+                   std::optional<bool> cache_enabled)
       : device_type_(parse_device_type(device_type)), dtype_(dtype), enabled_(enabled), cache_enabled_(cache_enabled) {}
 
   void enter() {
@@ -35,7 +36,7 @@ class PyAutocastRegion {
   c10::DeviceType device_type_;
   c10::ScalarType dtype_;
   bool enabled_;
-  bool cache_enabled_;
+  std::optional<bool> cache_enabled_;
   std::optional<detail::AutocastRegion> region_;
 };
 
@@ -43,35 +44,20 @@ class PyAutocastRegion {
 
 void bind_autocast(py::module_& m) {
   py::class_<PyAutocastRegion>(m, "_AutocastRegion", "One autocast region; ampkit.autocast enters and leaves it.")
-      .def(py::init<const std::string&, c10::ScalarType, bool, bool>(), py::arg("device_type"), py::arg("dtype"),
-           py::arg("enabled"), py::arg("cache_enabled"))
+      .def(py::init<const std::string&, c10::ScalarType, bool, std::optional<bool>>(), py::arg("device_type"),
+           py::arg("dtype"), py::arg("enabled"), py::arg("cache_enabled"))
       .def("enter", &PyAutocastRegion::enter, "Enters the region on the calling thread.")
       .def("exit", &PyAutocastRegion::exit, "Leaves the region; it must be the thread's innermost.");
 
   m.def(
-      "check_autocast_arguments",
-      [](const std::string& device_type, c10::ScalarType dtype) {
-        detail::check_autocast_arguments(parse_device_type(device_type), dtype);
+      "check_autocast_device",
+      [](const std::string& device_type) {
+        detail::check_autocast_arguments(parse_device_type(device_type), c10::ScalarType::Undefined, false);
       },
-      py::arg("device_type"), py::arg("dtype"), "Raises ValueError for arguments ampkit.autocast does not accept.");
-  m.def(
-      "default_autocast_dtype",
-      [](const std::string& t) { return at::autocast::get_autocast_dtype(parse_device_type(t)); },
-      py::arg("device_type"), "torch's autocast dtype of device_type, which a region with dtype=None uses.");
+      py::arg("device_type"), "Raises RuntimeError unless device_type has a cast-policy table ('cpu', 'cuda').");
   m.def(
       "is_autocast_enabled", [](const std::string& t) { return is_autocast_enabled(parse_device_type(t)); },
-      py::arg("device_type"), "Whether ampkit's autocast is on for device_type on this thread.");
-  m.def(
-      "get_autocast_dtype",
-      [](const std::string& t) -> std::optional<c10::ScalarType> {
-        const auto dtype = get_autocast_dtype(parse_device_type(t));
-        if (dtype == c10::ScalarType::Undefined) return std::nullopt;
-        return dtype;
-      },
-      py::arg("device_type"), "The dtype of this thread's innermost region of device_type, or None.");
-  m.def(
-      "is_autocast_cache_enabled", [](const std::string& t) { return is_autocast_cache_enabled(parse_device_type(t)); },
-      py::arg("device_type"), "Whether the weight cache is on for device_type on this thread.");
+      py::arg("device_type"), "Whether ops on device_type are autocast by ampkit's table on this thread.");
   m.def("autocast_nesting_depth", &autocast_nesting_depth, "Number of ampkit regions open on this thread.");
   m.def("autocast_cache_size", &autocast_cache_size, "Number of weight casts cached on this thread.");
   m.def("clear_autocast_cache", &clear_autocast_cache, "Drops this thread's cached weight casts.");

@@ -2,6 +2,8 @@
 
 #include <ampkit/cast_policy.h>
 
+#include "autocast_kernel.h"
+
 #include <pybind11/stl.h>
 
 namespace ampkit::python {
@@ -52,6 +54,8 @@ void bind_cast_policy(py::module_& m) {
           reset_policies();
       },
       py::arg("device_type") = py::none(), "Restores the default table of device_type, or of every device type.");
+  m.def("_policy_generation", &detail::policy_generation,
+        "A counter bumped by every table edit, from C++ or Python (compiled graphs compare it).");
 }
 
 }  // namespace ampkit::python

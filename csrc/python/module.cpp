@@ -8,8 +8,9 @@ c10::DeviceType parse_device_type(const std::string& device_type) {
   try {
     return c10::Device(device_type).type();
   } catch (const c10::Error&) {
-    TORCH_CHECK_VALUE(false, "ampkit: expected device_type to be a device type string such as 'cpu' or 'cuda', got '",
-                      device_type, "'");
+    // RuntimeError, the type torch raises for an invalid device string.
+    TORCH_CHECK(false, "ampkit: expected device_type to be a device type string such as 'cpu' or 'cuda', got '",
+                device_type, "'");
   }
 }
 

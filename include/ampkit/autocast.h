@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
 namespace ampkit {
 
@@ -20,21 +21,21 @@ namespace detail {
 /// Used by AutocastGuard and by the Python binding, whose regions are not C++ scopes.
 struct AutocastRegion {
   c10::DeviceType device_type = c10::DeviceType::CPU;
-  int depth = 0;              ///< nesting depth on this thread once entered
-  bool prev_enabled = false;  ///< ampkit state of the device before entering
+  int depth = 0;                    ///< nesting depth of ampkit regions on this thread once entered
+  bool prev_torch_enabled = false;  ///< torch's autocast state of the device type before entering
   c10::ScalarType prev_dtype = c10::ScalarType::Undefined;
   bool prev_cache_enabled = true;
   bool prev_key_included = false;  ///< AutocastPrivateUse1 bits in the thread-local sets
   bool prev_key_excluded = true;
-  bool prev_torch_enabled = false;  ///< torch's native autocast for the device
 };
 
-/// Throws c10::ValueError unless \p device_type has a policy table and \p dtype is fp16 or bf16.
-void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype);
+/// Throws c10::Error for a device type without a policy table and c10::ValueError for an
+/// enabled region whose dtype is not fp16 / bf16.
+void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled);
 
-/// Validates the arguments, then enters a region on the calling thread. Throws c10::Error
-/// (nothing changed) for a device type without a table or a dtype other than fp16 / bf16.
-AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled, bool cache_enabled);
+/// Validates the arguments, then enters a region on the calling thread (nothing changed if it throws).
+AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled,
+                              std::optional<bool> cache_enabled);
 
 /// Leaves \p region. Regions must be left innermost first on the thread that entered them:
 /// otherwise throws c10::Error and changes nothing.
@@ -43,18 +44,28 @@ void exit_autocast(const AutocastRegion& region);
 
 /// RAII autocast region. Non-copyable and non-movable; nestable (an inner guard may change
 /// the dtype or disable autocast); thread-local; exception-safe (the destructor restores
-/// the state exactly, also when unwinding). While any ampkit guard for a device type is alive,
-/// torch's native autocast for that device type is switched off so that ops are not cast twice,
-/// and it is restored on exit. Leaving the outermost guard of a thread clears its weight cache.
+/// the state exactly, also when unwinding).
+///
+/// The region is torch's autocast state as well: inside it `at::autocast::is_autocast_enabled`,
+/// `get_autocast_dtype` and `is_autocast_cache_enabled` (and their Python spellings) report it,
+/// exactly as inside `torch.autocast`, so code that reads them (custom_fwd, checkpointing,
+/// torch.compile's guards) works. Which precision an op runs in is decided by ampkit's table for
+/// every op it has an entry for (torch's own autocast kernels are kept from casting a second time);
+/// a nested `torch.autocast(enabled=false)` or `torch.autocast(dtype=...)` changes that state as it
+/// does in torch, and ampkit's table goes on deciding. Leaving the outermost ampkit guard of a
+/// thread clears its weight cache.
 class AutocastGuard {
  public:
   /// \param device_type c10::kCPU or c10::kCUDA
-  /// \param dtype c10::kHalf or c10::kBFloat16
-  /// \param enabled false makes a region in which ampkit casts nothing on \p device_type
-  /// \param cache_enabled cache the lower-precision casts of fp32 leaf weights in the region
-  AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled = true, bool cache_enabled = true);
-  /// Uses torch's autocast dtype of the device type (by default CPU bf16, CUDA fp16).
-  explicit AutocastGuard(c10::DeviceType device_type, bool enabled = true, bool cache_enabled = true);
+  /// \param dtype c10::kHalf or c10::kBFloat16 (any dtype when \p enabled is false, as in torch)
+  /// \param enabled false makes a region in which nothing is autocast on \p device_type
+  /// \param cache_enabled cache the lower-precision casts of fp32 leaf weights in the region;
+  ///        std::nullopt keeps the thread's current setting (torch's `cache_enabled=None`)
+  AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled = true,
+                std::optional<bool> cache_enabled = std::nullopt);
+  /// Uses torch's current autocast dtype of the device type (by default CPU bf16, CUDA fp16).
+  explicit AutocastGuard(c10::DeviceType device_type, bool enabled = true,
+                         std::optional<bool> cache_enabled = std::nullopt);
   ~AutocastGuard();
 
   AutocastGuard(const AutocastGuard&) = delete;
@@ -68,14 +79,16 @@ class AutocastGuard {
   detail::AutocastRegion region_;
 };
 
-/// Whether ampkit's autocast is on for \p device_type on this thread.
+/// Whether ops on \p device_type are autocast by ampkit's table on this thread: an enabled ampkit
+/// region is open and torch's autocast state of the device type is on.
 bool is_autocast_enabled(c10::DeviceType device_type);
 
-/// The dtype of the innermost region of \p device_type on this thread (Undefined if none).
+/// torch's autocast dtype of \p device_type on this thread (`at::autocast::get_autocast_dtype`):
+/// the innermost region's dtype inside a region, torch's default (CPU bf16, CUDA fp16) outside.
 c10::ScalarType get_autocast_dtype(c10::DeviceType device_type);
 
-/// Whether the weight cache is on for \p device_type on this thread.
-bool is_autocast_cache_enabled(c10::DeviceType device_type);
+/// Whether the weight cache is on for this thread (torch's `is_autocast_cache_enabled`).
+bool is_autocast_cache_enabled();
 
 /// How many ampkit regions are open on this thread.
 int autocast_nesting_depth();

@@ -17,7 +17,14 @@ except ImportError as e:  # keep the cause: a missing symbol means a torch misma
         "`pip install --no-build-isolation .` from the ampkit source tree."
     ) from e
 
-from ._autocast import autocast, is_autocast_enabled, get_autocast_dtype, autocast_cache_size, clear_autocast_cache
+from ._autocast import (
+    autocast,
+    is_autocast_enabled,
+    get_autocast_dtype,
+    autocast_cache_size,
+    clear_autocast_cache,
+    checkpoint_context_fn,
+)
 from ._grad_scaler import GradScaler
 from ._trainer import Trainer, StepStats
 from . import optim
@@ -39,6 +46,7 @@ __all__ = [
     "get_autocast_dtype",
     "autocast_cache_size",
     "clear_autocast_cache",
+    "checkpoint_context_fn",
     "CastPolicy",
     "get_policy",
     "set_policy",

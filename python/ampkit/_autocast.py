@@ -1,28 +1,43 @@
-"""ampkit.autocast: torch.autocast's signature and behaviour, driven by ampkit's policy tables."""
-import functools
+"""ampkit.autocast: torch.autocast itself, with ampkit's policy tables deciding the precision of each op."""
+import contextlib
 import threading
 from typing import Any, Optional
 
 import torch
 
 from . import _C
+from ._cast_policy import _sync_compiled_code
 
 
-class autocast:
+class autocast(torch.amp.autocast):
     """Context manager and decorator that runs ops in mixed precision.
 
-    A drop-in for ``torch.autocast(device_type, dtype=None, enabled=True, cache_enabled=None)``:
-    inside the region each op listed in ampkit's table for ``device_type`` runs in the precision
-    the table gives it (see ``ampkit.set_policy``). While the region is open torch's own
-    autocast is switched off for ``device_type`` so that nothing is cast twice.
+    A drop-in for ``torch.autocast(device_type, dtype=None, enabled=True, cache_enabled=None)``,
+    and a subclass of it: the arguments, their defaults, the warnings and errors are torch's, and
+    inside the region torch's autocast state is set exactly as ``torch.autocast`` sets it
+    (``torch.is_autocast_enabled(device_type)``, ``torch.get_autocast_dtype(device_type)``), so
+    ``torch.amp.custom_fwd``, activation checkpointing, ``torch.compile`` and nested
+    ``torch.autocast(enabled=False)`` / ``torch.autocast(dtype=...)`` regions behave as under
+    torch. The difference: each op listed in ampkit's table runs in the precision the table gives
+    it (see ``ampkit.set_policy``), also inside nested ``torch.autocast`` regions, and the table
+    can be read and edited at run time.
 
     Args:
-        device_type: "cpu" or "cuda".
-        dtype: torch.float16 or torch.bfloat16; None takes torch's autocast dtype of the
-            device type (CPU bfloat16, CUDA float16).
-        enabled: False opens a region in which ampkit casts nothing on ``device_type``.
-        cache_enabled: cache the lower-precision casts of fp32 weights inside the region
-            (None means True, as in torch).
+        device_type: "cpu" or "cuda" (the device types with a policy table).
+        dtype: torch.float16 or torch.bfloat16; None takes torch's autocast dtype of the device
+            type (CPU bfloat16, CUDA float16). Any other dtype with ``enabled=True`` warns and
+            disables the region, as torch does.
+        enabled: False opens a region in which nothing is autocast on ``device_type``.
+        cache_enabled: cache the lower-precision casts of fp32 weights inside the region; None
+            keeps the current setting (True by default), as in torch.
+
+    Raises:
+        ValueError: device_type is not a str (as torch).
+        RuntimeError: device_type is not a device type, or one without a policy table (torch raises
+            RuntimeError for device types it does not know; other device types than "cpu" and
+            "cuda" need torch.autocast).
+        TypeError: dtype, enabled or cache_enabled of the wrong type (torch raises the same type
+            when the region is entered).
     """
 
     def __init__(
@@ -34,24 +49,21 @@ class autocast:
     ):
         if not isinstance(device_type, str):
             raise ValueError(f"ampkit.autocast: expected device_type of type str, got {type(device_type).__name__}")
-        if dtype is None:
-            dtype = _C.default_autocast_dtype(device_type)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"ampkit.autocast: expected dtype to be a torch.dtype or None, got {dtype!r}")
+        _C.check_autocast_device(device_type)
+        # torch raises these TypeErrors only when the region is entered, from deep inside.
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"ampkit.autocast: expected dtype to be a torch.dtype or None, got {dtype!r}")
         if not isinstance(enabled, bool):
-            raise ValueError(f"ampkit.autocast: expected enabled to be a bool, got {enabled!r}")
+            raise TypeError(f"ampkit.autocast: expected enabled to be a bool, got {enabled!r}")
         if cache_enabled is not None and not isinstance(cache_enabled, bool):
-            raise ValueError(f"ampkit.autocast: expected cache_enabled to be a bool or None, got {cache_enabled!r}")
-        _C.check_autocast_arguments(device_type, dtype)
-        self.device = device_type
-        self.fast_dtype = dtype
-        self._enabled = enabled
-        self._cache_enabled = True if cache_enabled is None else cache_enabled
+            raise TypeError(f"ampkit.autocast: expected cache_enabled to be a bool or None, got {cache_enabled!r}")
+        super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
         # Regions entered and not yet left, per thread: a decorated function may recurse or
         # run on several threads at once.
         self._local = threading.local()
 
     def __enter__(self) -> "autocast":
+        _sync_compiled_code()
         region = _C._AutocastRegion(self.device, self.fast_dtype, self._enabled, self._cache_enabled)
         region.enter()
         stack = getattr(self._local, "regions", None)
@@ -60,26 +72,27 @@ class autocast:
         stack.append(region)
         return self
 
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
-        self._local.regions.pop().exit()
-
-    def __call__(self, func):
-        @functools.wraps(func)
-        def decorate_autocast(*args, **kwargs):
-            with self:
-                return func(*args, **kwargs)
-
-        return decorate_autocast
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        stack = getattr(self._local, "regions", None)
+        if not stack:
+            raise RuntimeError(
+                "ampkit.autocast.__exit__: expected a region entered by this object on this thread, got none "
+                "(__exit__ without __enter__, or on another thread than the one that entered)"
+            )
+        stack[-1].exit()  # raises, leaving the region open, if it is not the innermost one
+        stack.pop()
+        return False
 
 
 def is_autocast_enabled(device_type: str) -> bool:
-    """Whether ampkit's autocast is on for ``device_type`` on this thread."""
+    """Whether ops on ``device_type`` are autocast by ampkit's table on this thread: an enabled
+    ampkit region is open and ``torch.is_autocast_enabled(device_type)`` is True."""
     return _C.is_autocast_enabled(device_type)
 
 
-def get_autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype of this thread's innermost ampkit region of ``device_type``, or None."""
-    return _C.get_autocast_dtype(device_type)
+def get_autocast_dtype(device_type: str) -> torch.dtype:
+    """``torch.get_autocast_dtype(device_type)``: the innermost region's dtype, or torch's default."""
+    return torch.get_autocast_dtype(device_type)
 
 
 def autocast_cache_size() -> int:
@@ -90,3 +103,33 @@ def autocast_cache_size() -> int:
 def clear_autocast_cache() -> None:
     """Drops this thread's cached weight casts."""
     _C.clear_autocast_cache()
+
+
+def checkpoint_context_fn():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` that
+    recomputes under ampkit's table.
+
+    Checkpointing saves torch's autocast state and re-enters it with ``torch.autocast`` for the
+    recomputation. When backward runs inside the ampkit region that ran the forward, ampkit's
+    table decides the recomputation too; when it runs outside, the recomputation follows torch's
+    lists, which equal ampkit's default table but not an edited one (torch then raises a
+    CheckpointError: "Recomputed values ... have different metadata"). This context_fn re-enters
+    the forward's ampkit regions around the recomputation::
+
+        y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False,
+                                              context_fn=ampkit.checkpoint_context_fn)
+    """
+    regions = [
+        (device, torch.get_autocast_dtype(device), torch.is_autocast_cache_enabled())
+        for device in ("cpu", "cuda")
+        if is_autocast_enabled(device)
+    ]
+
+    @contextlib.contextmanager
+    def recompute():
+        with contextlib.ExitStack() as stack:
+            for device, dtype, cache_enabled in regions:
+                stack.enter_context(autocast(device, dtype=dtype, cache_enabled=cache_enabled))
+            yield
+
+    return contextlib.nullcontext(), recompute()

@@ -137,13 +137,11 @@ TEST_CASE("ops outside the table run unchanged", "[autocast]") {
 
 TEST_CASE("guards nest and restore the state exactly", "[autocast]") {
   auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
-  at::autocast::set_autocast_enabled(c10::kCPU, true);  // torch's own autocast on around the guards
   const bool inc0 = key_included(), exc0 = key_excluded();
   CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
   {
     AutocastGuard outer(c10::kCPU, at::kBFloat16);
     CHECK(ampkit::is_autocast_enabled(c10::kCPU));
-    CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU));  // switched off: no double casts
     CHECK(ampkit::autocast_nesting_depth() == 1);
     CHECK(torch::mm(a, b).scalar_type() == at::kBFloat16);
     {
@@ -162,13 +160,64 @@ TEST_CASE("guards nest and restore the state exactly", "[autocast]") {
     CHECK(torch::mm(a, b).scalar_type() == at::kBFloat16);
   }
   CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
-  CHECK(ampkit::get_autocast_dtype(c10::kCPU) == c10::ScalarType::Undefined);
+  CHECK(ampkit::get_autocast_dtype(c10::kCPU) == at::kBFloat16);  // torch's default again
   CHECK(ampkit::autocast_nesting_depth() == 0);
   CHECK(key_included() == inc0);
   CHECK(key_excluded() == exc0);
-  CHECK(at::autocast::is_autocast_enabled(c10::kCPU));
-  at::autocast::set_autocast_enabled(c10::kCPU, false);
   CHECK(torch::mm(a, b).scalar_type() == at::kFloat);
+}
+
+TEST_CASE("torch sees a guard as its own autocast region, and restores its state after", "[autocast]") {
+  auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
+  const auto dtype = GENERATE(at::kBFloat16, at::kHalf);
+  const bool cache = GENERATE(true, false);
+  CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU));
+  {
+    AutocastGuard guard(c10::kCPU, dtype, true, cache);
+    CHECK(at::autocast::is_autocast_enabled(c10::kCPU));
+    CHECK(at::autocast::get_autocast_dtype(c10::kCPU) == dtype);
+    CHECK(at::autocast::is_autocast_cache_enabled() == cache);
+    CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCUDA));
+    // Cast once, by ampkit: bitwise the hand cast, although torch's kernels are not excluded.
+    CHECK(bitwise_equal(torch::mm(a, b), torch::mm(a.to(dtype), b.to(dtype))));
+  }
+  CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU));
+  CHECK(at::autocast::get_autocast_dtype(c10::kCPU) == at::kBFloat16);
+  CHECK(at::autocast::is_autocast_cache_enabled());
+}
+
+TEST_CASE("torch's own state changed inside a guard is obeyed, and the table still decides", "[autocast]") {
+  ResetPoliciesOnExit reset;
+  auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
+  AutocastGuard guard(c10::kCPU, at::kBFloat16);
+  SECTION("torch.autocast(enabled=False) inside: fp32") {
+    at::autocast::set_autocast_enabled(c10::kCPU, false);
+    CHECK(torch::mm(a, b).scalar_type() == at::kFloat);
+    at::autocast::set_autocast_enabled(c10::kCPU, true);
+  }
+  SECTION("torch.autocast(dtype=float16) inside: fp16, per ampkit's table") {
+    at::autocast::set_autocast_dtype(c10::kCPU, at::kHalf);
+    CHECK(bitwise_equal(torch::mm(a, b), torch::mm(a.to(at::kHalf), b.to(at::kHalf))));
+    ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32);
+    CHECK(torch::mm(a, b).scalar_type() == at::kFloat);
+    at::autocast::set_autocast_dtype(c10::kCPU, at::kBFloat16);
+  }
+}
+
+TEST_CASE("a guard inside torch's own autocast region restores it on exit", "[autocast]") {
+  auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
+  at::autocast::set_autocast_enabled(c10::kCPU, true);
+  at::autocast::set_autocast_dtype(c10::kCPU, at::kHalf);
+  {
+    AutocastGuard guard(c10::kCPU, at::kBFloat16);
+    CHECK(at::autocast::get_autocast_dtype(c10::kCPU) == at::kBFloat16);
+    CHECK(bitwise_equal(torch::mm(a, b), torch::mm(a.to(at::kBFloat16), b.to(at::kBFloat16))));
+  }
+  CHECK(at::autocast::is_autocast_enabled(c10::kCPU));
+  CHECK(at::autocast::get_autocast_dtype(c10::kCPU) == at::kHalf);
+  CHECK(torch::mm(a, b).scalar_type() == at::kHalf);  // torch's own kernel again
+  at::autocast::set_autocast_enabled(c10::kCPU, false);
+  at::autocast::set_autocast_dtype(c10::kCPU, at::kBFloat16);
 }
 
 TEST_CASE("a throw inside a guard restores the state", "[autocast]") {
@@ -184,17 +233,22 @@ TEST_CASE("a throw inside a guard restores the state", "[autocast]") {
   CHECK(key_included() == inc0);
   CHECK(key_excluded() == exc0);
   CHECK(ampkit::autocast_cache_size() == 0);
+  CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU));
   CHECK(torch::mm(torch::randn({2, 2}), torch::randn({2, 2})).scalar_type() == at::kFloat);
 }
 
 TEST_CASE("bad guard arguments are refused and change nothing", "[autocast]") {
   CHECK_THAT(error_of([] { AutocastGuard g(c10::kCPU, at::kFloat); }),
-             Contains("expected dtype torch.float16 or torch.bfloat16, got torch.float32"));
+             Contains("expected dtype torch.float16 or torch.bfloat16 (or enabled=false), got torch.float32"));
   CHECK_THAT(error_of([] { AutocastGuard g(c10::kCPU, at::kDouble); }), Contains("got torch.float64"));
   CHECK_THAT(error_of([] { AutocastGuard g(c10::kMeta, at::kHalf); }),
              Contains("expected device_type 'cpu' or 'cuda'") && Contains("got 'meta'"));
   CHECK(ampkit::autocast_nesting_depth() == 0);
   CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));
+  CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU));
+  // As in torch, any dtype goes when the region is disabled (the enabled=use_amp idiom).
+  AutocastGuard off(c10::kCPU, at::kFloat, /*enabled=*/false);
+  CHECK(torch::mm(torch::randn({2, 2}), torch::randn({2, 2})).scalar_type() == at::kFloat);
 }
 
 TEST_CASE("regions must be left innermost first", "[autocast]") {
@@ -343,6 +397,13 @@ TEST_CASE("the weight cache: once per region, cleared on exit, no growth", "[aut
     torch::mm(x, w);
     CHECK(ampkit::autocast_cache_size() == 0);
   }
+  SECTION("torch's cache_enabled flag set inside a region is obeyed") {
+    AutocastGuard g(c10::kCPU);
+    at::autocast::set_autocast_cache_enabled(false);
+    torch::mm(x, w);
+    CHECK(ampkit::autocast_cache_size() == 0);
+    at::autocast::set_autocast_cache_enabled(true);
+  }
   SECTION("no growth over 1000 iterations") {
     std::size_t peak = 0;
     for (int i = 0; i < 1000; ++i) {
@@ -353,5 +414,57 @@ TEST_CASE("the weight cache: once per region, cleared on exit, no growth", "[aut
     }
     CHECK(peak == 1);
     CHECK(ampkit::autocast_cache_size() == 0);
+  }
+}
+
+TEST_CASE("the weight cache and grad mode: a cast cached under no_grad keeps the gradient path", "[autocast]") {
+  // torch's cached_cast since pytorch#158232: the cached cast is always made with grad mode on,
+  // so a metrics pass under no_grad does not cut the weight off the next training pass.
+  auto w = torch::randn({8, 8}, torch::requires_grad());
+  auto x = torch::randn({4, 8});
+  const auto want = torch::mm(x.to(at::kBFloat16), w.detach().to(at::kBFloat16));
+  SECTION("no_grad first, then grad") {
+    at::Tensor y;
+    {
+      AutocastGuard g(c10::kCPU);
+      {
+        torch::NoGradGuard no_grad;
+        CHECK_FALSE(torch::mm(x, w).requires_grad());
+      }
+      CHECK(ampkit::autocast_cache_size() == 1);
+      y = torch::mm(x, w);
+    }
+    REQUIRE(y.requires_grad());
+    CHECK(bitwise_equal(y, want));
+    y.to(at::kFloat).sum().backward();
+    REQUIRE(w.grad().defined());
+    auto w2 = w.detach().clone().requires_grad_();
+    torch::mm(x.to(at::kBFloat16), w2.to(at::kBFloat16)).to(at::kFloat).sum().backward();
+    CHECK(bitwise_equal(w.grad(), w2.grad()));
+  }
+  SECTION("grad first, then the cached cast reused under no_grad") {
+    AutocastGuard g(c10::kCPU);
+    auto y1 = torch::mm(x, w);
+    torch::NoGradGuard no_grad;
+    auto y2 = torch::mm(x, w);
+    CHECK(ampkit::autocast_cache_size() == 1);
+    CHECK(y1.requires_grad());
+    CHECK_FALSE(y2.requires_grad());
+    CHECK(bitwise_equal(y2, want));
+  }
+  SECTION("inference mode caches nothing, and the next pass still trains") {
+    at::Tensor y;
+    {
+      AutocastGuard g(c10::kCPU);
+      {
+        c10::InferenceMode inference;
+        CHECK(bitwise_equal(torch::mm(x, w), want));
+      }
+      CHECK(ampkit::autocast_cache_size() == 0);
+      y = torch::mm(x, w);
+    }
+    REQUIRE(y.requires_grad());
+    y.to(at::kFloat).sum().backward();
+    CHECK(w.grad().defined());
   }
 }

@@ -1,9 +1,13 @@
 """ampkit.autocast against torch.autocast, the reference, in the same process."""
 import collections.abc
+import os
+import contextlib
+import re
 import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import pytest
 import torch
@@ -164,9 +168,11 @@ def test_context_manager_and_decorator():
     assert not ampkit.is_autocast_enabled("cpu")
     with ampkit.autocast("cpu") as ctx:
         assert isinstance(ctx, ampkit.autocast)
+        assert isinstance(ctx, torch.autocast)  # frameworks check the type
         assert ampkit.get_autocast_dtype("cpu") == torch.bfloat16  # torch's CPU default
         assert torch.mm(a, b).dtype == torch.bfloat16
-    assert ampkit.get_autocast_dtype("cpu") is None
+    assert not ampkit.is_autocast_enabled("cpu")
+    assert ampkit.get_autocast_dtype("cpu") == torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def test_recursive_decorated_function_and_reused_instance():
@@ -202,16 +208,6 @@ def test_exception_inside_region_restores_state():
                 raise KeyError("boom")
     assert not ampkit.is_autocast_enabled("cpu")
     assert torch.mm(torch.randn(2, 2), torch.randn(2, 2)).dtype == torch.float32
-
-
-def test_torch_autocast_is_switched_off_inside_and_restored():
-    a, b = torch.randn(4, 4), torch.randn(4, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with ampkit.autocast("cpu", dtype=torch.float16):
-            assert not torch.is_autocast_enabled("cpu")
-            assert torch.mm(a, b).dtype == torch.float16  # cast once, by ampkit
-        assert torch.is_autocast_enabled("cpu")
-        assert torch.mm(a, b).dtype == torch.bfloat16
 
 
 def test_threads_have_their_own_regions():
@@ -251,21 +247,84 @@ def test_weight_cache_per_region():
         assert ampkit.autocast_cache_size() == 0
 
 
+def _torch_state(device="cpu"):
+    return (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), torch.is_autocast_cache_enabled())
+
+
+def _torch_nesting():
+    depth = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return depth
+
+
+def _behaviour(cls, kwargs):
+    """What constructing and entering a region does: the exception type, or the warnings, the
+    state torch reports inside and the dtype of a matmul. torch's own state is put back after."""
+    saved = [_torch_state("cpu"), _torch_state("cuda"), _torch_nesting()]  # torch leaks on a failed enter
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with cls(**kwargs):
+                    inside = (_torch_state("cpu"), torch.mm(torch.randn(2, 2), torch.randn(2, 2)).dtype)
+            except Exception as e:
+                return ("raise", type(e)), [w.category for w in caught]
+        return ("ok", inside), sorted(str(w.message) for w in caught)
+    finally:
+        for device, (enabled, dtype, cache) in zip(("cpu", "cuda"), saved[:2]):
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, dtype)
+            torch.set_autocast_cache_enabled(cache)
+        while _torch_nesting() > saved[2]:
+            torch.autocast_decrement_nesting()
+
+
+ARGUMENT_CASES = [
+    dict(device_type="cpu"),
+    dict(device_type="cpu", dtype=torch.float16, cache_enabled=False),
+    dict(device_type="cpu", dtype=torch.float32),  # torch: warns and disables
+    dict(device_type="cpu", dtype=torch.float64),
+    dict(device_type="cpu", dtype=torch.int32),
+    dict(device_type="cpu", dtype=torch.float32, enabled=False),  # the enabled=use_amp idiom
+    dict(device_type="cpu", enabled=False),
+    dict(device_type="cuda"),  # without CUDA: warns and disables
+    dict(device_type="cuda:0", dtype=torch.bfloat16),
+    dict(device_type="meta"),
+    dict(device_type="nonsense"),
+    dict(device_type=0),
+    dict(device_type="cpu", dtype="bf16"),
+    dict(device_type="cpu", enabled=1),
+    dict(device_type="cpu", cache_enabled="yes"),
+]
+
+
+@pytest.mark.parametrize("kwargs", ARGUMENT_CASES, ids=repr)
+def test_arguments_behave_as_in_torch(kwargs):
+    if kwargs.get("device_type") in ("cuda", "cuda:0") and HAS_CUDA:
+        pytest.skip("the no-CUDA warning is what this case checks")
+    ref = _behaviour(torch.autocast, kwargs)
+    got = _behaviour(ampkit.autocast, kwargs)
+    if ref[0][0] == "raise":
+        assert got[0] == ref[0]  # the same exception type
+    else:
+        assert got == ref
+    assert not ampkit.is_autocast_enabled("cpu") and _torch_state() == (False, torch.bfloat16, True)
+
+
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "kwargs,error,message",
     [
-        (dict(device_type="cpu", dtype=torch.float32), "expected dtype torch.float16 or torch.bfloat16, got torch.float32"),
-        (dict(device_type="cpu", dtype=torch.float64), "got torch.float64"),
-        (dict(device_type="meta", dtype=torch.float16), "expected device_type 'cpu' or 'cuda'"),
-        (dict(device_type="nonsense"), "expected device_type to be a device type string"),
-        (dict(device_type=0), "expected device_type of type str, got int"),
-        (dict(device_type="cpu", dtype="bf16"), "expected dtype to be a torch.dtype or None, got 'bf16'"),
-        (dict(device_type="cpu", enabled=1), "expected enabled to be a bool, got 1"),
-        (dict(device_type="cpu", cache_enabled="yes"), "expected cache_enabled to be a bool or None"),
+        (dict(device_type="meta"), RuntimeError, "expected device_type 'cpu' or 'cuda' (a device type with a cast-policy table), got 'meta'"),
+        (dict(device_type="xpu"), RuntimeError, "got 'xpu'"),  # torch supports it; ampkit has no table for it
+        (dict(device_type="nonsense"), RuntimeError, "expected device_type to be a device type string such as 'cpu'"),
+        (dict(device_type=0), ValueError, "expected device_type of type str, got int"),
+        (dict(device_type="cpu", dtype="bf16"), TypeError, "expected dtype to be a torch.dtype or None, got 'bf16'"),
+        (dict(device_type="cpu", enabled=1), TypeError, "expected enabled to be a bool, got 1"),
+        (dict(device_type="cpu", cache_enabled="yes"), TypeError, "expected cache_enabled to be a bool or None, got 'yes'"),
     ],
 )
-def test_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+def test_bad_arguments_name_the_argument(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         ampkit.autocast(**kwargs)
     assert not ampkit.is_autocast_enabled("cpu")
 
@@ -312,3 +371,291 @@ def test_a_privateuse1_backend_owning_the_key_gets_a_clear_error():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "expected the AutocastPrivateUse1 dispatch key to be free" in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- torch sees an ampkit region
+
+
+@pytest.mark.parametrize("dtype", AMP_DTYPES, ids=str)
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("cache_enabled", [None, False])
+def test_torch_reports_the_region_as_inside_torch_autocast(dtype, enabled, cache_enabled):
+    before = _torch_state()
+    states = {}
+    for cls in (torch.autocast, ampkit.autocast):
+        with cls("cpu", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled):
+            states[cls] = (_torch_state(), torch.is_autocast_enabled(), _torch_nesting())
+        assert _torch_state() == before and _torch_nesting() == 0
+    assert states[ampkit.autocast] == states[torch.autocast]
+    assert states[ampkit.autocast][0] == (enabled, dtype, cache_enabled is not False)
+
+
+def test_regions_nest_with_torch_autocast_either_way():
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        with ampkit.autocast("cpu", dtype=torch.bfloat16):
+            assert _torch_state() == (True, torch.bfloat16, True)
+            assert torch.equal(torch.mm(a, b), torch.mm(a.bfloat16(), b.bfloat16()))  # cast once, by ampkit
+        assert _torch_state() == (True, torch.float16, True)
+        assert torch.mm(a, b).dtype == torch.float16
+    assert _torch_state() == (False, torch.bfloat16, True)
+
+
+def _nested_results(outer, inner_kwargs):
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with outer("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", **inner_kwargs):
+            inner = torch.mm(a, b)
+        after = torch.mm(a, b)
+    return inner, after
+
+
+@pytest.mark.parametrize("inner_kwargs", [dict(enabled=False), dict(dtype=torch.float16)], ids=repr)
+def test_nested_torch_autocast_works_inside_a_region(inner_kwargs):
+    # The opt-out idiom (rotary embeddings, losses) and a dtype change, as under torch.autocast.
+    ref = _nested_results(torch.autocast, inner_kwargs)
+    got = _nested_results(ampkit.autocast, inner_kwargs)
+    for g, r in zip(got, ref):
+        _assert_bitwise(g, r)
+    assert got[0].dtype == inner_kwargs.get("dtype", torch.float32)
+
+
+def test_the_table_still_decides_inside_a_nested_torch_autocast():
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    ampkit.set_policy("aten::mm", "fp32", "cpu")
+    ampkit.set_policy("aten::relu", "lower_precision_fp", "cpu")
+    with ampkit.autocast("cpu"):
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.mm(a, b).dtype == torch.float32
+            assert torch.equal(torch.relu(a), torch.relu(a.half()))
+    with torch.autocast("cpu", dtype=torch.float16):  # a plain torch region keeps torch's lists
+        assert torch.mm(a, b).dtype == torch.float16
+        assert torch.relu(a).dtype == torch.float32
+
+
+class _CastInputsMM(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        ctx.fwd_dtype = torch.mm(a, b).dtype  # autocast is off in here
+        return a.mm(b)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return grad.mm(b.t()), a.t().mm(grad)
+
+
+class _AutocastMM(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        ctx.fwd_dtype = torch.mm(a, b).dtype
+        return torch.mm(a, b)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        ctx.bwd_enabled = torch.is_autocast_enabled("cpu")  # custom_bwd re-enters the forward's state
+        return torch.mm(grad, b.t()), torch.mm(a.t(), grad)
+
+
+@pytest.mark.parametrize("fn", [_CastInputsMM, _AutocastMM], ids=["cast_inputs", "autocast"])
+@pytest.mark.parametrize("dtype", AMP_DTYPES, ids=str)
+def test_custom_fwd_and_custom_bwd(fn, dtype):
+    results = {}
+    for cls in (torch.autocast, ampkit.autocast):
+        torch.manual_seed(0)
+        a = torch.randn(4, 4, requires_grad=True)
+        b = torch.randn(4, 4, requires_grad=True)
+        with cls("cpu", dtype=dtype):
+            out = fn.apply(a, b)
+        out.float().sum().backward()
+        results[cls] = (out, out.grad_fn.fwd_dtype if hasattr(out.grad_fn, "fwd_dtype") else None, a.grad, b.grad)
+    ref, got = results[torch.autocast], results[ampkit.autocast]
+    for g, r in zip(got, ref):
+        _assert_bitwise(g, r)
+    assert got[0].dtype == (torch.float32 if fn is _CastInputsMM else dtype)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.norm(self.fc1(x)))).softmax(-1)
+
+
+def _checkpoint_grads(cls, use_reentrant, backward_inside, dtype=torch.bfloat16, **checkpoint_kwargs):
+    torch.manual_seed(0)
+    block = _Block()
+    x = torch.randn(8, 16, requires_grad=True)
+    with cls("cpu", dtype=dtype):
+        if use_reentrant is None:
+            y = block(x)
+        else:
+            y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant, **checkpoint_kwargs)
+        loss = y.float().square().sum()
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    return [y, x.grad] + [p.grad for p in block.parameters()]
+
+
+@pytest.mark.parametrize("backward_inside", [True, False], ids=["backward-inside", "backward-outside"])
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpointing_gives_the_unchecked_grads(use_reentrant, backward_inside):
+    unchecked = _checkpoint_grads(ampkit.autocast, None, backward_inside)
+    checked = _checkpoint_grads(ampkit.autocast, use_reentrant, backward_inside)
+    torch_checked = _checkpoint_grads(torch.autocast, use_reentrant, backward_inside)
+    for g, u, t in zip(checked, unchecked, torch_checked):
+        _assert_bitwise(g, u)
+        _assert_bitwise(g, t)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpointing_recomputes_with_an_edited_table_when_backward_is_inside(use_reentrant):
+    # Backward inside the region recomputes under ampkit's table (the autograd engine carries the
+    # thread's dispatch state); see the README for backward outside with an edited table.
+    ampkit.set_policy("aten::layer_norm", "lower_precision_fp", "cpu")
+    ampkit.set_policy("aten::gelu", "fp32", "cpu")
+    unchecked = _checkpoint_grads(ampkit.autocast, None, True)
+    checked = _checkpoint_grads(ampkit.autocast, use_reentrant, True)
+    for g, u in zip(checked, unchecked):
+        _assert_bitwise(g, u)
+
+
+# -------------------------------------------------------------- the weight cache and grad mode
+
+
+def _cache_sequence(cls, first, second, edit_between=False):
+    """A pass under `first` (a grad-mode context), then one under `second`, in one region, as an
+    EMA / metrics pass before the training pass; returns outputs, grads and what was cached."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 4)
+    x = torch.randn(8, 4)
+    sizes = []
+    with cls("cpu", dtype=torch.bfloat16):
+        with first():
+            a = m(x)
+        sizes.append(ampkit.autocast_cache_size())
+        with second():
+            b = m(x)
+        sizes.append(ampkit.autocast_cache_size())
+    if b.requires_grad:
+        b.float().sum().backward()
+    return [a, b, m.weight.grad, m.bias.grad], b.requires_grad, sizes
+
+
+GRAD_MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("first", list(GRAD_MODES))
+@pytest.mark.parametrize("second", ["grad", "no_grad"])
+def test_a_cast_cached_under_any_grad_mode_serves_the_next_pass_as_torch(first, second):
+    ref, ref_requires_grad, _ = _cache_sequence(torch.autocast, GRAD_MODES[first], GRAD_MODES[second])
+    got, requires_grad, sizes = _cache_sequence(ampkit.autocast, GRAD_MODES[first], GRAD_MODES[second])
+    assert requires_grad == ref_requires_grad == (second == "grad")
+    for g, r in zip(got, ref):
+        _assert_bitwise(g, r)
+    if second == "grad":
+        assert got[2] is not None and got[2].dtype == torch.float32  # the weight got its gradient
+    # The weight (the bias too) is cached whatever the grad mode, except in inference mode.
+    assert sizes == ([0, 2] if first == "inference_mode" else [2, 2])
+
+
+def test_the_no_grad_pass_is_the_gradient_loss_reported():
+    m = nn.Linear(2, 2)
+    x = torch.randn(8, 2)
+    with ampkit.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            m(x)
+        out = m(x)
+    assert out.requires_grad
+    out.float().sum().backward()
+    assert m.weight.grad is not None
+
+
+def test_a_cast_cached_under_no_grad_is_reused_not_redone():
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    with ampkit.autocast("cpu"):
+        with torch.no_grad():
+            y1 = x @ w
+        y2 = x @ w
+        assert ampkit.autocast_cache_size() == 1
+        assert y2.grad_fn.next_functions[1][0].next_functions[0][0].variable is w  # mm <- cast <- w
+    assert not y1.requires_grad and y2.requires_grad
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _compiled_dtypes(backend):
+    torch._dynamo.reset()
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    f = torch.compile(lambda x, y: torch.mm(x, y).relu(), backend=backend)
+    seen = []
+
+    def call(ctx):
+        with ctx:
+            out = f(a, b)
+        seen.append(out.dtype)
+        return out
+
+    call(ampkit.autocast("cpu", dtype=torch.bfloat16))
+    call(ampkit.autocast("cpu", dtype=torch.float16))  # the dtype changed: Dynamo's guards see it
+    ampkit.set_policy("aten::mm", "fp32", "cpu")  # the table changed: compiled code is dropped
+    out = call(ampkit.autocast("cpu", dtype=torch.float16))
+    assert torch.equal(out, torch.mm(a, b).relu())
+    call(torch.autocast("cpu", dtype=torch.float16))  # torch's region: torch's lists
+    call(ampkit.autocast("cpu", dtype=torch.float16))
+    ampkit.remove_policy("aten::mm", "cpu")
+    call(ampkit.autocast("cpu", dtype=torch.float16))
+    call(contextlib.nullcontext())
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_functions_never_run_a_stale_policy(backend):
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert _compiled_dtypes(backend) == [bf16, fp16, fp32, fp16, fp32, fp32, fp32]
+
+
+def test_compile_caches_are_keyed_by_the_tables(tmp_path):
+    # A second process with another table must not get a graph compiled under the first one from
+    # torch's on-disk caches.
+    code = textwrap.dedent(
+        """
+        import sys, torch, ampkit
+        if sys.argv[1] == "edit":
+            ampkit.set_policy("aten::mm", "fp32", "cpu")
+        f = torch.compile(lambda x, y: torch.mm(x, y) + 1, backend="inductor")
+        with ampkit.autocast("cpu", dtype=torch.float16):
+            print(f(torch.randn(8, 8), torch.randn(8, 8)).dtype)
+        """
+    )
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    outs = [
+        subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=600, env=env)
+        for arg in ("default", "edit", "default")
+    ]
+    assert [o.stdout.strip() for o in outs] == ["torch.float16", "torch.float32", "torch.float16"], outs
+
+
+def test_checkpoint_context_fn_recomputes_under_an_edited_table_when_backward_is_outside():
+    ampkit.set_policy("aten::layer_norm", "lower_precision_fp", "cpu")
+    ampkit.set_policy("aten::gelu", "fp32", "cpu")
+    unchecked = _checkpoint_grads(ampkit.autocast, None, False)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):  # without it: torch's lists in the recompute
+        _checkpoint_grads(ampkit.autocast, False, False)
+    checked = _checkpoint_grads(ampkit.autocast, False, False, context_fn=ampkit.checkpoint_context_fn)
+    for g, u in zip(checked, unchecked):
+        _assert_bitwise(g, u)
