@@ -276,8 +276,10 @@ bool GradScaler::step(torch::optim::Optimizer& optimizer) {
         stage == OptimizerStage::Ready
             ? detail::unscale_grads_(params_of(optimizer), at::ones({}, scale_.options()), /*allow_fp16=*/true)
             : it->second.found_inf_per_device;
-    TORCH_CHECK(!found_infs.empty(), no_grads);
-    const at::Tensor found_inf = combine_found_infs(found_infs, scale_.device());
+    // Without grads torch passes found_inf 0 and steps (the optimizer has nothing to do); the
+    // update() that follows then finds no inf checks, as in torch.
+    const at::Tensor found_inf =
+        found_infs.empty() ? at::zeros({}, scale_.options()) : combine_found_infs(found_infs, scale_.device());
     const at::Tensor grad_scale = stage == OptimizerStage::Unscaled ? at::Tensor() : scale_;
     // Stage and found_infs change only once the step succeeded: a retry after a throw sees the
     // same stage (checking grads twice with inv_scale 1 is harmless).

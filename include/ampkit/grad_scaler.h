@@ -185,7 +185,9 @@ class GradScaler {
   /// For a ScaleAwareOptimizer it instead calls step_scaled() without synchronizing and returns
   /// true: the optimizer itself skips the update on the device when found_inf is set, and
   /// last_step_skipped() tells whether it did. Disabled: calls optimizer.step(), returns true.
-  /// Throws if no parameter of \p optimizer has a gradient.
+  /// Throws if no parameter of \p optimizer has a gradient, unless it is a ScaleAwareOptimizer:
+  /// that one steps with found_inf 0 (it has nothing to update), and the update() that follows
+  /// throws for want of inf checks, as torch's scale-aware path does.
   bool step(torch::optim::Optimizer& optimizer);
 
   /// Backs off the scale if any optimizer stepped since the last update() found inf/NaN (after

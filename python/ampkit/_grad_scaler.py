@@ -1,21 +1,20 @@
-"""ampkit.GradScaler: torch.amp.GradScaler's API and numbers, on ampkit's C++ core.
+"""ampkit.GradScaler: torch.amp.GradScaler itself, with bounds, hysteresis and skip reporting.
 
-The per-optimizer state machine lives here, keyed by ``id(optimizer)`` as in torch, because
-``torch.optim`` optimizers are Python objects; the numerics (grouped unscaling, the scale update
-with bounds and hysteresis, option and state-dict validation) are the C++ functions that
-``ampkit::GradScaler`` uses, reached through ``ampkit._C``.
+ampkit.GradScaler subclasses ``torch.amp.GradScaler``: the per-optimizer state machine
+(scale / unscale_ / step / update stages, the ``_step_supports_amp_scaling`` contract, the error
+messages) is torch's own code, not a copy. ampkit overrides only the numerical hooks, which run in
+ampkit's C++ core (the code ``ampkit::GradScaler`` uses): grouped unscaling, the scale update with
+bounds and hysteresis, option and state-dict validation; and it records what each step did.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
-import warnings
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
-from torch.amp.grad_scaler import OptState  # the same enum, so code that checks stages keeps working
+from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state  # torch's, not copies
 
 from . import _C
 
@@ -25,22 +24,16 @@ __all__ = ["GradScaler", "OptState"]
 _FLT_MIN = 1.1754943508222875e-38
 
 
-class _MultiDeviceReplicator:
-    """Serves copies of a tensor to the devices asking for them, one copy per device."""
-
-    def __init__(self, master: torch.Tensor) -> None:
-        self.master = master
-        self._per_device: Dict[torch.device, torch.Tensor] = {}
-
-    def get(self, device: torch.device) -> torch.Tensor:
-        t = self._per_device.get(device)
-        if t is None:
-            t = self._per_device[device] = self.master.to(device=device, non_blocking=True, copy=True)
-        return t
+class _ArgumentError(ValueError, AssertionError):
+    """A bad argument where torch.amp.GradScaler raises AssertionError: ampkit raises ValueError,
+    and code written against torch that catches AssertionError keeps working."""
 
 
-def _refresh_per_optimizer_state() -> Dict[str, Any]:
-    return {"stage": OptState.READY, "found_inf_per_device": {}}
+def _check_options(**options: Any) -> None:
+    try:
+        _C._check_grad_scaler_options(**options)
+    except ValueError as e:
+        raise _ArgumentError(str(e)) from None
 
 
 def _check_float(name: str, value: Any) -> float:
@@ -55,20 +48,22 @@ def _check_int(name: str, value: Any) -> int:
     return int(value)
 
 
-class GradScaler:
-    """Dynamic loss scaling, a drop-in for ``torch.amp.GradScaler``.
+class GradScaler(torch.amp.GradScaler):
+    """Dynamic loss scaling: ``torch.amp.GradScaler`` (a subclass of it), with extras.
 
     Same constructor, methods, state dict and numbers as torch's (the scale after every
     ``update()`` and the unscaled gradients are bitwise equal), for every ``torch.optim``
-    optimizer, fused ones included. In addition:
+    optimizer, fused ones included; ``isinstance(scaler, torch.amp.GradScaler)`` holds. In addition:
 
     * ``min_scale`` / ``max_scale`` bound the scale. By default it can still never reach 0:
       backoff stops at the smallest positive normal float (torch lets it go denormal, then 0),
       and a growth that would overflow to inf is not applied (as in torch).
     * ``hysteresis=n`` backs off only after ``n`` consecutive overflowing steps (DeepSpeed's
       consecutive hysteresis); 1 is torch's behaviour. Overflowing steps are skipped either way.
-    * ``last_step_skipped()`` (a device bool tensor, no sync), ``steps_applied()`` and
-      ``steps_skipped()``.
+    * ``step()`` tells what it did: ``last_step_skipped()`` (a device bool tensor, no sync),
+      ``steps_applied()`` and ``steps_skipped()``.
+    * Options are validated (ValueError naming the option) also when the scaler is disabled, and
+      a load or a step that raises leaves the scaler as it was.
 
     Args:
         device: device type of the scale, "cuda" (default) or "cpu". An enabled "cuda" scaler
@@ -83,8 +78,8 @@ class GradScaler:
         max_scale: upper bound, >= min_scale (None: no bound other than staying finite).
         hysteresis: consecutive overflowing steps before a backoff (>= 1).
 
-    Bad arguments raise ValueError naming the argument; calls in the wrong order raise
-    RuntimeError. A call that raises leaves the scaler as it was.
+    Bad arguments raise ValueError naming the argument; calls in the wrong order raise torch's
+    errors (RuntimeError, or AssertionError where torch raises that).
     """
 
     def __init__(
@@ -117,189 +112,52 @@ class GradScaler:
         max_scale = math.inf if max_scale is None else _check_float("max_scale", max_scale)
         hysteresis = _check_int("hysteresis", hysteresis)
         # Validated even when disabled: a bad option is a bug whether or not scaling is on.
-        _C._check_grad_scaler_options(
-            init_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale, hysteresis
+        _check_options(
+            init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
+            growth_interval=growth_interval, min_scale=min_scale, max_scale=max_scale, hysteresis=hysteresis,
         )
-
-        self._device = device
-        self._enabled = enabled
-        if device == "cuda" and enabled and not torch.cuda.is_available():
-            warnings.warn("ampkit.GradScaler is enabled, but CUDA is not available.  Disabling.", stacklevel=2)
-            self._enabled = False
-
+        super().__init__(device, init_scale, growth_factor, backoff_factor, growth_interval, enabled)
+        # torch keeps its options only when enabled; ampkit keeps them always.
         self._init_scale = init_scale
-        self._scale: Optional[torch.Tensor] = None  # created by the first scale(), on its device
         self._growth_factor = growth_factor
         self._backoff_factor = backoff_factor
         self._growth_interval = growth_interval
-        self._init_growth_tracker = 0
-        self._growth_tracker: Optional[torch.Tensor] = None
         self._min_scale = min_scale
         self._max_scale = max_scale
         self._hysteresis = hysteresis
         self._init_overflow_streak = 0
         self._overflow_streak: Optional[torch.Tensor] = None
-        self._per_optimizer_states: Dict[int, Dict[str, Any]] = defaultdict(_refresh_per_optimizer_state)
         self._steps = 0
         self._host_skipped = 0  # skips seen on the host (the synchronizing path)
         self._device_skipped: Optional[torch.Tensor] = None  # skips of sync-free steps, on the device
         self._last_step_skipped: Optional[torch.Tensor] = None
 
-    # ----------------------------------------------------------------------------- internals
-    def _check_scale_growth_tracker(self, funcname: str):
-        if self._scale is None or self._growth_tracker is None:
-            raise RuntimeError(
-                f"Attempted {funcname} but _scale is None.  This may indicate your script did not use "
-                "scaler.scale(loss or outputs) earlier in the iteration."
-            )
-        return self._scale, self._growth_tracker
-
+    # ------------------------------------------------------------- torch's hooks, ampkit's numerics
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
-        self._scale = torch.full((), self._init_scale, dtype=torch.float32, device=dev)
-        self._growth_tracker = torch.full((), self._init_growth_tracker, dtype=torch.int32, device=dev)
+        super()._lazy_init_scale_growth_tracker(dev)
         self._overflow_streak = torch.full((), self._init_overflow_streak, dtype=torch.int32, device=dev)
 
-    def _stage(self, optimizer: torch.optim.Optimizer) -> OptState:
-        state = self._per_optimizer_states.get(id(optimizer))
-        return OptState.READY if state is None else state["stage"]
-
     def _unscale_grads_(
-        self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
-        allow_fp16: bool = False,
+        self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor, allow_fp16: bool
     ) -> Dict[torch.device, torch.Tensor]:
-        # found_inf is accepted for torch's signature; the core creates one per device itself.
+        # torch's split by device and dtype, in C++ (faster for many small grads). found_inf is
+        # torch's template for the per-device flags; the core makes them the same way.
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return {t.device: t for t in _C._unscale_grads_(params, inv_scale, allow_fp16)}
 
-    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> Dict[torch.device, torch.Tensor]:
-        """Records found_inf per device without unscaling (inv_scale 1), for fused optimizers."""
-        scale, _ = self._check_scale_growth_tracker("_check_inf_per_device")
-        dummy_inv_scale = torch.full((), 1.0, dtype=torch.float32, device=scale.device)
-        found = self._unscale_grads_(optimizer, dummy_inv_scale, allow_fp16=True)
-        self._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = found
-        return found
+    def _maybe_opt_step(self, optimizer, optimizer_state, *args: Any, **kwargs: Any):
+        # torch's synchronizing path: one host read of the combined flag, as torch does.
+        found_inf = self._combine(optimizer_state["found_inf_per_device"].values())
+        skipped = bool(found_inf.item())
+        retval = None if skipped else optimizer.step(*args, **kwargs)
+        self._record_step(found_inf, skipped)
+        return retval
 
-    def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> Dict[torch.device, torch.Tensor]:
-        return self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-
-    def _get_scale_async(self) -> Optional[torch.Tensor]:
-        return self._scale
-
-    def _get_growth_tracker(self) -> int:
-        if not self._enabled:
-            return 0
-        return self._init_growth_tracker if self._growth_tracker is None else int(self._growth_tracker.item())
-
+    # ----------------------------------------------------------------------------- internals
     def _get_overflow_streak(self) -> int:
         if not self._enabled:
             return 0
         return self._init_overflow_streak if self._overflow_streak is None else int(self._overflow_streak.item())
-
-    def _record_step(self, found_inf: Any, skipped: Optional[bool]) -> None:
-        self._steps += 1
-        if skipped is not None:
-            self._host_skipped += int(skipped)
-            self._last_step_skipped = found_inf.ne(0) if isinstance(found_inf, torch.Tensor) else None
-            return
-        if not isinstance(found_inf, torch.Tensor):  # no grads at all: nothing could be skipped
-            self._last_step_skipped = torch.zeros((), dtype=torch.bool, device=self._scale.device)
-            return
-        self._last_step_skipped = found_inf.ne(0)
-        count = self._last_step_skipped.to(torch.int64)
-        self._device_skipped = count if self._device_skipped is None else self._device_skipped + count
-
-    # -------------------------------------------------------------------------------- API
-    def scale(self, outputs: Union[torch.Tensor, Iterable[torch.Tensor]]):
-        """Multiplies a tensor, or the tensors of a (nested) list/tuple/iterable, by the scale.
-
-        Returns the scaled outputs (the outputs themselves when disabled). The first call creates
-        the scale on the device of the first tensor.
-        """
-        if not self._enabled:
-            return outputs
-        if isinstance(outputs, torch.Tensor):
-            if self._scale is None:
-                self._lazy_init_scale_growth_tracker(outputs.device)
-            return outputs * self._scale.to(device=outputs.device, non_blocking=True)
-
-        stash: List[_MultiDeviceReplicator] = []
-
-        def apply_scale(val):
-            if isinstance(val, torch.Tensor):
-                if not stash:
-                    if self._scale is None:
-                        self._lazy_init_scale_growth_tracker(val.device)
-                    stash.append(_MultiDeviceReplicator(self._scale))
-                return val * stash[0].get(val.device)
-            if isinstance(val, Iterable):
-                iterable = map(apply_scale, val)
-                if isinstance(val, (list, tuple)):
-                    return type(val)(iterable)
-                return iterable
-            raise ValueError(f"GradScaler.scale: expected outputs to be a Tensor or an iterable of Tensors, got {val!r}")
-
-        return apply_scale(outputs)
-
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divides ``optimizer``'s gradients by the scale in place and records inf/NaN per device.
-
-        Optional (``step`` does it otherwise); use it to clip or inspect unscaled gradients.
-        Call it at most once per optimizer between two ``update()`` calls, and before ``step``.
-        Does not synchronize. Raises ValueError on fp16 gradients.
-        """
-        if not self._enabled:
-            return
-        self._check_scale_growth_tracker("unscale_")
-        stage = self._stage(optimizer)
-        if stage is OptState.UNSCALED:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
-        if stage is OptState.STEPPED:
-            raise RuntimeError("unscale_() is being called after step().")
-        found = self._unscale_grads_(optimizer, _C._reciprocal_scale(self._scale), allow_fp16=False)
-        state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = found
-        state["stage"] = OptState.UNSCALED
-
-    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-        """Unscales (unless ``unscale_`` did) and runs ``optimizer.step(*args, **kwargs)`` unless a
-        gradient held inf/NaN. Returns what ``optimizer.step`` returned (None when skipped).
-
-        Synchronizes once, as torch does. Optimizers with ``_step_supports_amp_scaling`` (fused
-        Adam/AdamW/SGD) get ``grad_scale`` and ``found_inf`` attributes instead and skip on the
-        device, without synchronizing. ``last_step_skipped()`` tells what happened either way.
-        """
-        if not self._enabled:
-            retval = optimizer.step(*args, **kwargs)
-            self._steps += 1
-            return retval
-        if "closure" in kwargs:
-            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
-        self._check_scale_growth_tracker("step")
-        stage = self._stage(optimizer)
-        if stage is OptState.STEPPED:
-            raise RuntimeError("step() has already been called since the last update().")
-
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
-            return self._step_scale_aware(optimizer, stage, args, kwargs)
-
-        if stage is OptState.READY:
-            found = self._unscale_grads_(optimizer, _C._reciprocal_scale(self._scale), allow_fp16=False)
-        else:
-            found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        if not found:
-            raise RuntimeError(
-                "step(): no inf checks were recorded for this optimizer: none of its parameters has a gradient. "
-                "Call backward() on the scaled loss before step()."
-            )
-        state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = found
-        state["stage"] = OptState.UNSCALED
-        found_inf = self._combine(found.values())
-        skipped = bool(found_inf.item())  # the one host sync of a step
-        retval = None if skipped else optimizer.step(*args, **kwargs)
-        state["stage"] = OptState.STEPPED
-        self._record_step(found_inf, skipped)
-        return retval
 
     def _combine(self, found_infs: Iterable[torch.Tensor]) -> torch.Tensor:
         found_infs = [t.to(self._scale.device, non_blocking=True) for t in found_infs]
@@ -308,43 +166,57 @@ class GradScaler:
             combined = combined + t
         return combined
 
-    def _step_scale_aware(self, optimizer, stage, args, kwargs):
-        # torch's _step_supports_amp_scaling contract, followed to the letter so that fused
-        # optimizers see the same grad_scale / found_inf as under torch.amp.GradScaler.
-        has_grad_scaler_kwarg = "grad_scaler" in inspect.signature(optimizer.step).parameters
-        if has_grad_scaler_kwarg:
-            warnings.warn(
-                "GradScaler is going to stop passing itself as a keyword argument to the passed optimizer. In the "
-                "near future GradScaler registers `grad_scale: Tensor` and `found_inf: Tensor` to the passed "
-                "optimizer and let the optimizer use them directly.",
-                FutureWarning,
-                stacklevel=3,
-            )
-            kwargs.update({"grad_scaler": self})
-            retval = optimizer.step(*args, **kwargs)
-            self._per_optimizer_states[id(optimizer)]["stage"] = OptState.STEPPED
-            found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-            self._record_step(self._combine(found.values()) if found else 0, None)
-            return retval
+    def _record_step(self, found_inf: Optional[torch.Tensor], skipped: Optional[bool]) -> None:
+        self._steps += 1
+        if found_inf is None:  # no grads at all: nothing could be skipped
+            self._last_step_skipped = torch.zeros((), dtype=torch.bool, device=self._scale.device)
+            return
+        self._last_step_skipped = found_inf.ne(0)
+        if skipped is not None:
+            self._host_skipped += int(skipped)
+            return
+        count = self._last_step_skipped.to(torch.int64)
+        self._device_skipped = count if self._device_skipped is None else self._device_skipped + count
 
-        if stage is OptState.READY:
-            found = self._check_inf_per_device(optimizer)
-        else:
-            found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        found_inf = self._combine(found.values()) if found else 0  # torch passes sum([]) == 0
-        optimizer.grad_scale = (
-            getattr(optimizer, "grad_scale", None)
-            if stage is OptState.UNSCALED
-            else self._scale * getattr(optimizer, "grad_scale", 1)
-        )
-        optimizer.found_inf = found_inf
+    # -------------------------------------------------------------------------------- API
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        """torch's ``step``: unscales (unless ``unscale_`` did) and runs
+        ``optimizer.step(*args, **kwargs)`` unless a gradient held inf/NaN; returns what it returned.
+
+        Synchronizes once, as torch does. Optimizers with ``_step_supports_amp_scaling`` (fused
+        Adam/AdamW/SGD, ``ampkit.optim``) get ``grad_scale`` and ``found_inf`` attributes instead and
+        skip on the device, without synchronizing. ``last_step_skipped()`` tells what happened either
+        way. If ``optimizer.step`` raises, the attributes are taken off again (torch leaves them, and
+        the next step would multiply the stale ``grad_scale`` in).
+        """
+        if not self._enabled:
+            retval = super().step(optimizer, *args, **kwargs)
+            self._steps += 1
+            return retval
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            had_state = id(optimizer) in self._per_optimizer_states
+            try:
+                return super().step(optimizer, *args, **kwargs)  # _maybe_opt_step records the step
+            except BaseException:
+                # No parameter had a grad: torch raises after marking the optimizer unscaled. Nothing
+                # was unscaled, so the optimizer goes back to where it was. (When optimizer.step
+                # itself raises, the grads are unscaled already and it stays unscaled, as in torch.)
+                state = self._per_optimizer_states.get(id(optimizer))
+                if state is not None and not state["found_inf_per_device"] and not had_state:
+                    del self._per_optimizer_states[id(optimizer)]
+                raise
+        saved = {k: optimizer.__dict__[k] for k in ("grad_scale", "found_inf") if k in optimizer.__dict__}
         try:
-            retval = optimizer.step(*args, **kwargs)
-        finally:  # torch leaves them behind on a throw, and multiplies a stale grad_scale next time
-            del optimizer.grad_scale
-            del optimizer.found_inf
-        self._per_optimizer_states[id(optimizer)]["stage"] = OptState.STEPPED
-        self._record_step(found_inf, None)
+            retval = super().step(optimizer, *args, **kwargs)
+        except BaseException:
+            for k in ("grad_scale", "found_inf"):
+                if k in saved:
+                    optimizer.__dict__[k] = saved[k]
+                else:
+                    optimizer.__dict__.pop(k, None)
+            raise
+        found = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        self._record_step(self._combine(found.values()) if found else None, None)
         return retval
 
     def update(self, new_scale: Optional[Union[float, torch.Tensor]] = None) -> None:
@@ -364,7 +236,7 @@ class GradScaler:
             if isinstance(new_scale, numbers.Real) and not isinstance(new_scale, bool):
                 value = float(new_scale)
                 if not (math.isfinite(value) and self._min_scale <= value <= self._max_scale):
-                    raise ValueError(
+                    raise _ArgumentError(
                         "GradScaler.update: expected new_scale to be finite and in [min_scale, max_scale] = "
                         f"[{self._min_scale}, {self._max_scale}], got {value}"
                     )
@@ -377,7 +249,7 @@ class GradScaler:
                     and not new_scale.requires_grad
                     and new_scale.is_floating_point()
                 ):
-                    raise ValueError(
+                    raise _ArgumentError(
                         f"GradScaler.update: expected new_scale to be a float or a 1-element floating tensor on "
                         f"'{self._device}' with requires_grad=False, got {new_scale!r}"
                     )
@@ -387,8 +259,8 @@ class GradScaler:
             found_infs = [
                 t for state in self._per_optimizer_states.values() for t in state["found_inf_per_device"].values()
             ]
-            if not found_infs:
-                raise RuntimeError(
+            if not found_infs:  # AssertionError, as torch
+                raise AssertionError(
                     "No inf checks were recorded prior to update(). Call step(optimizer) (or unscale_(optimizer)) "
                     "for at least one optimizer first."
                 )
@@ -398,12 +270,6 @@ class GradScaler:
                 self._min_scale, self._max_scale, self._hysteresis,
             )
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
-
-    def get_scale(self) -> float:
-        """The current scale (synchronizes); init_scale before the first ``scale``; 1.0 when disabled."""
-        if not self._enabled:
-            return 1.0
-        return self._init_scale if self._scale is None else float(self._scale.item())
 
     def last_step_skipped(self) -> Optional[torch.Tensor]:
         """0-dim bool tensor on the scale's device: whether the last ``step`` skipped its optimizer's
@@ -419,10 +285,6 @@ class GradScaler:
         """Number of ``step`` calls that ran the update. Same sync rule as ``steps_skipped``."""
         return self._steps - self.steps_skipped()
 
-    def is_enabled(self) -> bool:
-        """Whether this scaler scales."""
-        return self._enabled
-
     def _set_option(self, name: str, value: Any) -> None:
         # The init scale is only checked at construction: the bounds may move past it later.
         opts = dict(
@@ -431,7 +293,7 @@ class GradScaler:
             hysteresis=self._hysteresis,
         )
         opts[name] = value
-        _C._check_grad_scaler_options(**opts, check_init_scale=False)
+        _check_options(**opts, check_init_scale=False)
         setattr(self, "_" + name, value)
 
     def get_growth_factor(self) -> float:
@@ -490,19 +352,13 @@ class GradScaler:
         "_growth_tracker") plus ampkit's "min_scale", "max_scale", "hysteresis" and
         "_overflow_streak", which torch.amp.GradScaler ignores when it loads the dict.
         Empty when disabled. Synchronizes; take it after ``update``."""
-        if not self._enabled:
-            return {}
-        return {
-            "scale": self.get_scale(),
-            "growth_factor": self._growth_factor,
-            "backoff_factor": self._backoff_factor,
-            "growth_interval": self._growth_interval,
-            "_growth_tracker": self._get_growth_tracker(),
-            "min_scale": self._min_scale,
-            "max_scale": self._max_scale,
-            "hysteresis": self._hysteresis,
-            "_overflow_streak": self._get_overflow_streak(),
-        }
+        state = super().state_dict()
+        if state:
+            state.update(
+                min_scale=self._min_scale, max_scale=self._max_scale, hysteresis=self._hysteresis,
+                _overflow_streak=self._get_overflow_streak(),
+            )
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a state dict of ampkit's or of torch.amp.GradScaler (no-op when disabled).
@@ -521,6 +377,7 @@ class GradScaler:
             state_dict, self._growth_factor, self._backoff_factor, self._growth_interval,
             self._min_scale, self._max_scale, self._hysteresis,
         )
+        super().load_state_dict(state_dict)
         self._init_scale = float(state_dict["scale"])
         self._growth_factor = float(state_dict["growth_factor"])
         self._backoff_factor = float(state_dict["backoff_factor"])
@@ -530,25 +387,13 @@ class GradScaler:
         self._max_scale = float(state_dict.get("max_scale", self._max_scale))
         self._hysteresis = int(state_dict.get("hysteresis", self._hysteresis))
         self._init_overflow_streak = int(state_dict.get("_overflow_streak", 0))
-        if self._scale is not None:
-            self._scale.fill_(self._init_scale)
-            self._growth_tracker.fill_(self._init_growth_tracker)
+        if self._overflow_streak is not None:
             self._overflow_streak.fill_(self._init_overflow_streak)
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # torch's checks; its tensors become lazy init values
         if self._enabled:
-            if len(self._per_optimizer_states) != 0:
-                raise RuntimeError(
-                    "A GradScaler instance may only be pickled at the beginning of an iteration, or at the end "
-                    "after scaler.update()."
-                )
-            # The unpickled scaler recreates its tensors lazily, on the device of its first scale().
-            state["_init_scale"] = self.get_scale()
-            state["_init_growth_tracker"] = self._get_growth_tracker()
             state["_init_overflow_streak"] = self._get_overflow_streak()
-            state["_scale"] = None
-            state["_growth_tracker"] = None
             state["_overflow_streak"] = None
         state["_host_skipped"] = self.steps_skipped()
         state["_device_skipped"] = None
@@ -556,5 +401,3 @@ class GradScaler:
             state["_last_step_skipped"] = self._last_step_skipped.cpu()
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)

@@ -473,6 +473,17 @@ TEST_CASE("GradScaler: misuse errors name the call and the state", "[grad_scaler
     CHECK(error_of([&] { scaler.step(opt); }) == no_grads);
     CHECK(scaler.stage(opt) == ampkit::OptimizerStage::Unscaled);
   }
+  SECTION("without grads, a scale-aware optimizer steps as under torch.amp.GradScaler") {
+    // torch passes found_inf = sum([]) = 0 to such an optimizer, steps it, and its update() then
+    // raises for want of inf checks.
+    ampkit::optim::Adam aware(net.params, ampkit::optim::AdamOptions(1e-2));
+    (void)scaler.scale(loss_of(net, batch));
+    CHECK(scaler.step(aware));
+    CHECK(scaler.stage(aware) == ampkit::OptimizerStage::Stepped);
+    CHECK_FALSE(scaler.last_step_skipped().item<bool>());
+    CHECK_THAT(error_of([&] { scaler.update(); }),
+               Catch::Matchers::Contains("No inf checks were recorded prior to update()"));
+  }
   SECTION("fp16 grads") {
     at::Tensor w = torch::ones({3}, torch::kHalf).requires_grad_();
     torch::optim::SGD half_opt({w}, torch::optim::SGDOptions(0.1));
