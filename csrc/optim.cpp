@@ -31,9 +31,10 @@ std::string describe(const at::Tensor& t) {
 void check_param_grad(const char* who, const at::Tensor& p, const at::Tensor& g, size_t group, size_t index) {
   TORCH_CHECK_VALUE(p.is_floating_point() && !p.is_complex(), who, ": expected floating-point parameters, got ",
                     describe(p), " (group ", group, ", index ", index, ")");
-  TORCH_CHECK_VALUE(device_supported(p.device().type()), who,
-                    ": expected parameters on a device with fused kernels (cpu, cuda, xpu, mps), got ", describe(p),
-                    " (group ", group, ", index ", index, ")");
+  // RuntimeError, the type torch's fused optimizers raise for such parameters.
+  TORCH_CHECK(device_supported(p.device().type()), who,
+              ": expected parameters on a device with fused kernels (cpu, cuda, xpu, mps), got ", describe(p),
+              " (group ", group, ", index ", index, ")");
   TORCH_CHECK_VALUE(!g.is_sparse(), who, ": expected dense gradients, got a sparse one (group ", group, ", index ",
                     index, "); fused optimizers do not support sparse gradients");
   TORCH_CHECK_VALUE(g.scalar_type() == p.scalar_type() && g.device() == p.device() && g.sizes() == p.sizes(), who,
@@ -535,7 +536,8 @@ void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Te
   at::Tensor b = is_first_step ? g : buf.to(at::kFloat) * h.momentum + g * (1 - h.dampening);
   const at::Tensor b_low = b.to(buf.scalar_type());
   g = h.nesterov ? g + b * h.momentum : b;
-  const at::Tensor p_low = (p - g * h.lr).to(param.scalar_type());
+  const at::Tensor p_low =
+      (h.lr_tensor.defined() ? p - g * h.lr_tensor.to(p.device()) : p - g * h.lr).to(param.scalar_type());
   if (found_inf.defined()) {
     const at::Tensor skip = found_inf.ne(0);
     param.copy_(at::where(skip, param, p_low));
@@ -548,12 +550,24 @@ void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Te
   }
 }
 
+// torch's fused optimizers pass a CPU tensor lr as it is (the kernels read it) and copy one on
+// another device to each parameter device.
+at::Tensor lr_on(const at::Tensor& lr, const c10::Device& device) {
+  return lr.device().is_cpu() || lr.device() == device ? lr : lr.to(device, /*non_blocking=*/true);
+}
+
+void check_lr_tensor(const char* who, const at::Tensor& lr) {
+  TORCH_CHECK_VALUE(!lr.defined() || (lr.numel() == 1 && lr.is_floating_point()), who,
+                    ": expected a tensor lr to be a 1-element floating tensor, got ", describe(lr));
+}
+
 bool found_inf_is_set(const at::Tensor& found_inf) { return found_inf.defined() && found_inf.item<float>() != 0.0f; }
 
 void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                  at::TensorList max_exp_avg_sqs, at::TensorList steps, const AdamHyper& h, const at::Tensor& grad_scale,
                  const at::Tensor& found_inf) {
   const char* who = h.decoupled_weight_decay ? "AdamW" : "Adam";
+  check_lr_tensor(who, h.lr_tensor);
   check_scale_tensor(grad_scale, "grad_scale");
   check_scale_tensor(found_inf, "found_inf");
   check_list(who, "grads", grads, params, false);
@@ -584,7 +598,16 @@ void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp
     const std::optional<at::Tensor> fi_opt = fi.defined() ? std::optional<at::Tensor>(fi) : std::nullopt;
     // torch counts first and rolls the count back by found_inf afterwards, all on the device.
     at::_foreach_add_(s, 1);
-    if (h.decoupled_weight_decay) {
+    if (h.lr_tensor.defined()) {
+      const at::Tensor lr = lr_on(h.lr_tensor, device);
+      if (h.decoupled_weight_decay) {
+        at::_fused_adamw_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
+                          gs_opt, fi_opt);
+      } else {
+        at::_fused_adam_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
+                         gs_opt, fi_opt);
+      }
+    } else if (h.decoupled_weight_decay) {
       at::_fused_adamw_(p, g, m, v, vmax, s, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
                         gs_opt, fi_opt);
     } else {
@@ -597,6 +620,7 @@ void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp
 
 void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const SGDHyper& h,
                 bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  check_lr_tensor("SGD", h.lr_tensor);
   check_scale_tensor(grad_scale, "grad_scale");
   check_scale_tensor(found_inf, "found_inf");
   check_list("SGD", "grads", grads, params, false);
@@ -618,10 +642,15 @@ void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mome
       for (size_t i : idx) sgd_lowp_cpu_(params[i], grads[i], momentum_buffers[i], h, is_first_step, gs, fi);
       continue;
     }
-    at::_fused_sgd_(pick(params, idx), pick(grads, idx), pick(momentum_buffers, idx), h.weight_decay, h.momentum, h.lr,
-                    h.dampening, h.nesterov, h.maximize, is_first_step,
-                    gs.defined() ? std::optional<at::Tensor>(gs) : std::nullopt,
-                    fi.defined() ? std::optional<at::Tensor>(fi) : std::nullopt);
+    const auto gs_opt = gs.defined() ? std::optional<at::Tensor>(gs) : std::nullopt;
+    const auto fi_opt = fi.defined() ? std::optional<at::Tensor>(fi) : std::nullopt;
+    if (h.lr_tensor.defined()) {
+      at::_fused_sgd_(pick(params, idx), pick(grads, idx), pick(momentum_buffers, idx), h.weight_decay, h.momentum,
+                      lr_on(h.lr_tensor, device), h.dampening, h.nesterov, h.maximize, is_first_step, gs_opt, fi_opt);
+    } else {
+      at::_fused_sgd_(pick(params, idx), pick(grads, idx), pick(momentum_buffers, idx), h.weight_decay, h.momentum,
+                      h.lr, h.dampening, h.nesterov, h.maximize, is_first_step, gs_opt, fi_opt);
+    }
   }
 }
 

@@ -5,12 +5,25 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <variant>
 #include <vector>
 
 namespace ampkit::python {
 namespace {
 
 at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// A float lr, or a tensor lr as torch's fused optimizers accept.
+using Lr = std::variant<at::Tensor, double>;
+
+template <class Hyper>
+void set_lr(Hyper& h, const Lr& lr) {
+  if (const auto* t = std::get_if<at::Tensor>(&lr)) {
+    h.lr_tensor = *t;
+  } else {
+    h.lr = std::get<double>(lr);
+  }
+}
 
 }  // namespace
 
@@ -22,12 +35,12 @@ void bind_optim(py::module_& m) {
       "_fused_adam_",
       [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
-         const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps, double lr,
+         const std::vector<at::Tensor>& max_exp_avg_sqs, const std::vector<at::Tensor>& state_steps, const Lr& lr,
          double beta1, double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
          bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
          const std::optional<at::Tensor>& found_inf) {
         optim::detail::AdamHyper h;
-        h.lr = lr;
+        set_lr(h, lr);
         h.beta1 = beta1;
         h.beta2 = beta2;
         h.weight_decay = weight_decay;
@@ -49,11 +62,11 @@ void bind_optim(py::module_& m) {
   m.def(
       "_fused_sgd_",
       [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-         const std::vector<at::Tensor>& momentum_buffers, double lr, double momentum, double dampening,
+         const std::vector<at::Tensor>& momentum_buffers, const Lr& lr, double momentum, double dampening,
          double weight_decay, bool nesterov, bool maximize, bool is_first_step,
          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
         optim::detail::SGDHyper h;
-        h.lr = lr;
+        set_lr(h, lr);
         h.momentum = momentum;
         h.dampening = dampening;
         h.weight_decay = weight_decay;

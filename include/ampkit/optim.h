@@ -207,6 +207,7 @@ namespace detail {
 
 struct AdamHyper {
   double lr = 1e-3;
+  at::Tensor lr_tensor;  ///< when defined, the lr (1 element), as torch's fused Adam accepts a tensor lr
   double beta1 = 0.9;
   double beta2 = 0.999;
   double weight_decay = 0;
@@ -227,6 +228,7 @@ void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp
 
 struct SGDHyper {
   double lr = 1e-3;
+  at::Tensor lr_tensor;  ///< when defined, the lr (1 element)
   double momentum = 0;
   double dampening = 0;
   double weight_decay = 0;

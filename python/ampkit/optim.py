@@ -31,6 +31,21 @@ def _number(who: str, name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_lr(who: str, lr: Any, check_value: bool) -> float:
+    """A float lr, or a 1-element floating tensor lr as torch's fused optimizers accept (its value
+    is read only when check_value: reading a CUDA tensor every step would sync)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"{who}: expected a tensor lr to be a 1-element floating tensor, got {lr.dtype} of "
+                             f"shape {tuple(lr.shape)}")
+        return float(lr.item()) if check_value else 0.0
+    return _number(who, "lr", lr)
+
+
+def _lr_arg(lr: Any) -> Union[float, torch.Tensor]:
+    return lr if isinstance(lr, torch.Tensor) else float(lr)
+
+
 def _scale_arg(value: Any) -> Optional[torch.Tensor]:
     # torch.amp.GradScaler passes sum([]) == 0 when it recorded no found_inf tensors.
     return value if isinstance(value, torch.Tensor) else None
@@ -39,14 +54,35 @@ def _scale_arg(value: Any) -> Optional[torch.Tensor]:
 class _FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
+    # Flags that groups saved by older torch / ampkit versions may lack, with the values those
+    # versions behaved as (torch's __setstate__ fills them in the same way).
+    _group_flag_defaults: Dict[str, Any] = {"maximize": False}
+
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         # Check the group as it will be (defaults filled in) before torch adds it, so that a bad
         # group leaves the optimizer as it was.
         self._check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
 
-    def _check_group(self, group: Dict[str, Any]) -> None:
+    def _check_group(self, group: Dict[str, Any], check_lr_value: bool = True) -> None:
         raise NotImplementedError
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # torch.optim.Optimizer.load_state_dict comes here too. As torch does: groups saved without
+        # newer flags get their defaults, and a Python-number step (saved by old versions) becomes
+        # the float32 tensor on the parameter's device that the fused kernels count in.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._group_flag_defaults.items():
+                group.setdefault(key, value)
+            group["fused"] = True
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if not p_state or "step" not in p_state:
+                    continue
+                step = p_state["step"]
+                if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device == p.device):
+                    p_state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
 
     def _scale_and_inf(self, grad_scale, found_inf) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         # Explicit arguments win; otherwise the attributes that GradScaler.step sets.
@@ -74,7 +110,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale, found_inf = self._scale_and_inf(grad_scale, found_inf)
         for group in self.param_groups:
-            self._check_group(group)  # lr and friends may have been edited since
+            self._check_group(group, check_lr_value=False)  # lr and friends may have been edited since
         for group in self.param_groups:
             self._step_group(group, grad_scale, found_inf)
         return loss
@@ -100,18 +136,19 @@ class _AdamBase(_FusedOptimizer):
         self._check_group(defaults)
         super().__init__(params, defaults)
 
-    def _check_group(self, group: Dict[str, Any]) -> None:
+    _group_flag_defaults = {"amsgrad": False, "maximize": False}
+
+    def _check_group(self, group: Dict[str, Any], check_lr_value: bool = True) -> None:
         who = self._name
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"{who}: expected betas to be a pair of floats, got {betas!r}")
-        if isinstance(group["lr"], torch.Tensor):
-            raise ValueError(f"{who}: expected lr to be a float, got a tensor (tensor lr is not supported)")
+        lr = _check_lr(who, group["lr"], check_lr_value)
         for name in ("amsgrad", "maximize"):
             if not isinstance(group[name], bool):
                 raise ValueError(f"{who}: expected {name} to be a bool, got {group[name]!r}")
         _C._check_adam_options(
-            lr=_number(who, "lr", group["lr"]), beta1=_number(who, "betas[0]", betas[0]),
+            lr=lr, beta1=_number(who, "betas[0]", betas[0]),
             beta2=_number(who, "betas[1]", betas[1]), eps=_number(who, "eps", group["eps"]),
             weight_decay=_number(who, "weight_decay", group["weight_decay"]),
         )
@@ -146,7 +183,7 @@ class _AdamBase(_FusedOptimizer):
         beta1, beta2 = group["betas"]
         _C._fused_adam_(
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
-            lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+            lr=_lr_arg(group["lr"]), beta1=float(beta1), beta2=float(beta2),
             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), amsgrad=amsgrad,
             maximize=group["maximize"], decoupled_weight_decay=self._decoupled,
             grad_scale=grad_scale, found_inf=found_inf,
@@ -210,14 +247,15 @@ class SGD(_FusedOptimizer):
         self._check_group(defaults)
         super().__init__(params, defaults)
 
-    def _check_group(self, group: Dict[str, Any]) -> None:
-        if isinstance(group["lr"], torch.Tensor):
-            raise ValueError("SGD: expected lr to be a float, got a tensor (tensor lr is not supported)")
+    _group_flag_defaults = {"nesterov": False, "maximize": False}
+
+    def _check_group(self, group: Dict[str, Any], check_lr_value: bool = True) -> None:
+        lr = _check_lr("SGD", group["lr"], check_lr_value)
         for name in ("nesterov", "maximize"):
             if not isinstance(group[name], bool):
                 raise ValueError(f"SGD: expected {name} to be a bool, got {group[name]!r}")
         _C._check_sgd_options(
-            lr=_number("SGD", "lr", group["lr"]), momentum=_number("SGD", "momentum", group["momentum"]),
+            lr=lr, momentum=_number("SGD", "momentum", group["momentum"]),
             dampening=_number("SGD", "dampening", group["dampening"]),
             weight_decay=_number("SGD", "weight_decay", group["weight_decay"]), nesterov=group["nesterov"],
         )
@@ -246,7 +284,7 @@ class SGD(_FusedOptimizer):
                 first_grads.append(p.grad)
                 first_bufs.append(torch.zeros_like(p, memory_format=torch.preserve_format))
         kwargs = dict(
-            lr=float(group["lr"]), momentum=momentum, dampening=dampening,
+            lr=_lr_arg(group["lr"]), momentum=momentum, dampening=dampening,
             weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"], maximize=group["maximize"],
             grad_scale=grad_scale, found_inf=found_inf,
         )

@@ -253,9 +253,7 @@ TEST_CASE("fused optimizers reject bad arguments clearly", "[optim]") {
              Catch::Contains("Adam: expected at least one parameter, got an empty parameter list"));
   CHECK_THAT(error_of([&] { ao::AdamW(p, ao::AdamWOptions(-1.0)); }),
              Catch::Contains("AdamW: expected lr >= 0, got -1"));
-  CHECK_THAT(error_of([&] {
-               ao::Adam(p, ao::AdamOptions().betas({0.9, 1.0}));
-             }),
+  CHECK_THAT(error_of([&] { ao::Adam(p, ao::AdamOptions().betas({0.9, 1.0})); }),
              Catch::Contains("expected betas[1] in [0, 1), got 1"));
   CHECK_THAT(error_of([&] { ao::Adam(p, ao::AdamOptions().eps(-1)); }), Catch::Contains("expected eps >= 0, got -1"));
   CHECK_THAT(error_of([&] { ao::SGD(p, ao::SGDOptions(0.1).nesterov(true)); }),

@@ -293,3 +293,111 @@ def test_cuda_scaled_step_without_sync():
         scaler.update()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------ torch's contract at the edges
+
+TORCH_CASES = [
+    (ao.Adam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    (ao.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (ao.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+]
+
+
+def _run_pair(oa, ob, a, b, steps, device, edit=None):
+    """Same grads, same scaler arguments (an inf at step 2) into both optimizers."""
+    g = torch.Generator().manual_seed(3)
+    for it in range(steps):
+        for x, y in zip(a, b):
+            gr = torch.randn(x.shape, generator=g).to(device)
+            x.grad, y.grad = gr.clone(), gr.clone()
+        found_inf = torch.tensor(float(it == 2), device=device)
+        for o in (oa, ob):
+            o.grad_scale, o.found_inf = torch.tensor(1.0, device=device), found_inf
+            o.step()
+            del o.grad_scale, o.found_inf
+        if edit is not None:
+            edit(oa, it)
+            edit(ob, it)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", TORCH_CASES, ids=_ids)
+def test_tensor_lr_as_torch_fused(case, device):
+    ours_cls, torch_cls, kwargs = case
+    base = _params(device, torch.float32)
+    a = [p.clone().requires_grad_() for p in base]
+    b = [p.clone().requires_grad_() for p in base]
+    lr = kwargs["lr"]
+    oa = ours_cls(a, **{**kwargs, "lr": torch.tensor(lr, device=device)})
+    ob = torch_cls(b, fused=True, **{**kwargs, "lr": torch.tensor(lr, device=device)})
+
+    def decay(opt, it):  # a scheduler-like in-place edit of the tensor
+        opt.param_groups[0]["lr"].mul_(0.5)
+
+    _run_pair(oa, ob, a, b, 5, device, decay)
+    assert _bitwise(a, b)
+    assert isinstance(oa.param_groups[0]["lr"], torch.Tensor)
+    with pytest.raises(ValueError, match="expected a tensor lr to be a 1-element floating tensor"):
+        ours_cls([torch.zeros(2, requires_grad=True)], lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="expected lr >= 0"):
+        ours_cls([torch.zeros(2, requires_grad=True)], lr=torch.tensor(-0.1))
+
+
+def _as_old_state_dict(sd, drop):
+    """A state dict as older versions saved it: groups without newer flags, Python-number steps."""
+    sd = copy.deepcopy(sd)
+    for group in sd["param_groups"]:
+        for key in drop:
+            group.pop(key, None)
+    for st in sd["state"].values():
+        if "step" in st:
+            st["step"] = float(st["step"])
+    return sd
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=_ids)
+def test_older_state_dicts_load_as_in_torch(case):
+    ours_cls, torch_cls, kwargs = case
+    base = _params("cpu", torch.float32)
+    src = [p.clone().requires_grad_() for p in base]
+    warm = torch_cls(src, foreach=False, **kwargs)  # the old run: a non-fused torch optimizer
+    for _ in range(2):
+        for p in src:
+            p.grad = torch.randn_like(p)
+        warm.step()
+    drop = ["maximize", "foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay"]
+    old = _as_old_state_dict(warm.state_dict(), drop)
+    a = [p.detach().clone().requires_grad_() for p in src]
+    b = [p.detach().clone().requires_grad_() for p in src]
+    oa, ob = ours_cls(a, **kwargs), torch_cls(b, fused=True, **kwargs)
+    oa.load_state_dict(copy.deepcopy(old))
+    ob.load_state_dict(copy.deepcopy(old))
+    for group in ob.param_groups:  # torch drops to its non-fused path when a loaded group lacks "fused"
+        assert not group["fused"]
+        group["fused"] = True
+    assert oa.param_groups[0]["maximize"] is False and oa.param_groups[0]["fused"] is True
+    for p in a:
+        if "step" in oa.state[p]:
+            assert oa.state[p]["step"].dtype == torch.float32 and oa.state[p]["step"].device == p.device
+    _run_pair(oa, ob, a, b, 4, "cpu")
+    assert _bitwise(a, b)
+    assert_states_equal = [
+        torch.equal(oa.state[p][k], ob.state[q][k]) for p, q in zip(a, b) for k in oa.state[p]
+    ]
+    assert all(assert_states_equal)
+
+
+@pytest.mark.parametrize("case", TORCH_CASES, ids=_ids)
+def test_params_on_the_meta_device_raise_torch_s_exception_type(case):
+    ours_cls, torch_cls, kwargs = case
+    errors = []
+    for cls, extra in ((torch_cls, dict(fused=True)), (ours_cls, {})):
+        p = torch.zeros(2, device="meta", requires_grad=True)
+        p.grad = torch.ones(2, device="meta")
+        opt = cls([p], **kwargs, **extra)
+        with pytest.raises(Exception) as info:
+            opt.step()
+        errors.append(info.value)
+    assert type(errors[1]) is type(errors[0]) is RuntimeError
+    assert "expected parameters on a device with fused kernels (cpu, cuda, xpu, mps)" in str(errors[1])
