@@ -214,8 +214,9 @@ void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::D
 }
 
 void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled) {
-  TORCH_CHECK(policy_device_index(device_type) >= 0,
-              "ampkit.autocast: expected device_type 'cpu' or 'cuda' (a device type with a cast-policy table), got '",
+  TORCH_CHECK(at::autocast::is_autocast_available(device_type),
+              "ampkit.autocast: expected a device type that torch's autocast supports (cpu, cuda, xpu, mps, hpu, "
+              "...), got '",
               c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
   TORCH_CHECK_VALUE(!enabled || dtype == at::kHalf || dtype == at::kBFloat16,
                     "ampkit.autocast: expected dtype torch.float16 or torch.bfloat16 (or enabled=false), got ",
@@ -242,7 +243,8 @@ AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype
   at::autocast::set_autocast_cache_enabled(cache_enabled.value_or(region.prev_cache_enabled));
   // ... and ampkit's key, so that ampkit's table decides what the ops run in. A disabled region
   // leaves the key as it was: it costs nothing, and an enclosing ampkit region stays in charge.
-  if (enabled) {
+  // Device types without a table (xpu, mps, ...) get torch's region alone: torch's lists apply.
+  if (enabled && policy_device_index(device_type) >= 0) {
     c10::impl::tls_set_dispatch_key_included(kAutocastKey, true);
     c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, false);
   }

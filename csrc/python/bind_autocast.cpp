@@ -54,7 +54,7 @@ void bind_autocast(py::module_& m) {
       [](const std::string& device_type) {
         detail::check_autocast_arguments(parse_device_type(device_type), c10::ScalarType::Undefined, false);
       },
-      py::arg("device_type"), "Raises RuntimeError unless device_type has a cast-policy table ('cpu', 'cuda').");
+      py::arg("device_type"), "Raises RuntimeError unless torch's autocast supports device_type.");
   m.def(
       "is_autocast_enabled", [](const std::string& t) { return is_autocast_enabled(parse_device_type(t)); },
       py::arg("device_type"), "Whether ops on device_type are autocast by ampkit's table on this thread.");

@@ -29,8 +29,8 @@ struct AutocastRegion {
   bool prev_key_excluded = true;
 };
 
-/// Throws c10::Error for a device type without a policy table and c10::ValueError for an
-/// enabled region whose dtype is not fp16 / bf16.
+/// Throws c10::Error for a device type torch's autocast does not support and c10::ValueError for
+/// an enabled region whose dtype is not fp16 / bf16.
 void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled);
 
 /// Validates the arguments, then enters a region on the calling thread (nothing changed if it throws).
@@ -56,7 +56,8 @@ void exit_autocast(const AutocastRegion& region);
 /// thread clears its weight cache.
 class AutocastGuard {
  public:
-  /// \param device_type c10::kCPU or c10::kCUDA
+  /// \param device_type c10::kCPU or c10::kCUDA, whose ops follow ampkit's tables; other device types
+  ///        that torch's autocast supports (XPU, MPS, HPU, ...) get torch's own autocast and lists
   /// \param dtype c10::kHalf or c10::kBFloat16 (any dtype when \p enabled is false, as in torch)
   /// \param enabled false makes a region in which nothing is autocast on \p device_type
   /// \param cache_enabled cache the lower-precision casts of fp32 leaf weights in the region;

@@ -9,7 +9,14 @@ from . import _C
 from ._cast_policy import _sync_compiled_code
 
 
-class autocast(torch.amp.autocast):
+# torch.compile turns a torch.amp.autocast object met in a compiled frame into torch's own region
+# (torch's lists, ampkit's table ignored) except for instances of torch's _UnmanagedAutocast
+# subclass, which it treats as user objects: ampkit's regions then run eagerly (a graph break)
+# with ampkit's table. Older torch versions without that class get torch.amp.autocast itself.
+_TorchAutocast = getattr(torch.amp.autocast_mode, "_UnmanagedAutocast", torch.amp.autocast)
+
+
+class autocast(_TorchAutocast):
     """Context manager and decorator that runs ops in mixed precision.
 
     A drop-in for ``torch.autocast(device_type, dtype=None, enabled=True, cache_enabled=None)``,
@@ -23,7 +30,8 @@ class autocast(torch.amp.autocast):
     can be read and edited at run time.
 
     Args:
-        device_type: "cpu" or "cuda" (the device types with a policy table).
+        device_type: "cpu" or "cuda", whose ops follow ampkit's tables; other device types that
+            torch.autocast supports ("xpu", "mps", "hpu", ...) get torch's autocast and its lists.
         dtype: torch.float16 or torch.bfloat16; None takes torch's autocast dtype of the device
             type (CPU bfloat16, CUDA float16). Any other dtype with ``enabled=True`` warns and
             disables the region, as torch does.
@@ -33,13 +41,15 @@ class autocast(torch.amp.autocast):
 
     Raises:
         ValueError: device_type is not a str (as torch).
-        RuntimeError: device_type is not a device type, or one without a policy table (torch raises
-            RuntimeError for device types it does not know; other device types than "cpu" and
-            "cuda" need torch.autocast).
+        RuntimeError: device_type is not a device type, or one torch's autocast does not support
+            (as torch).
         TypeError: dtype, enabled or cache_enabled of the wrong type (torch raises the same type
             when the region is entered).
     """
 
+    # torch.compile cannot trace into ampkit's C++ regions: a function compiled with an ampkit
+    # region inside runs that region eagerly (a graph break), which keeps the table's semantics.
+    @torch.compiler.disable
     def __init__(
         self,
         device_type: str,
@@ -62,6 +72,7 @@ class autocast(torch.amp.autocast):
         # run on several threads at once.
         self._local = threading.local()
 
+    @torch.compiler.disable
     def __enter__(self) -> "autocast":
         _sync_compiled_code()
         region = _C._AutocastRegion(self.device, self.fast_dtype, self._enabled, self._cache_enabled)
@@ -72,6 +83,7 @@ class autocast(torch.amp.autocast):
         stack.append(region)
         return self
 
+    @torch.compiler.disable
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
         stack = getattr(self._local, "regions", None)
         if not stack:

@@ -1,0 +1,89 @@
+"""Instructions per op call under ampkit.autocast, torch.autocast and no autocast (callgrind).
+
+Wall-clock timings of a 1-10 us op vary by several percent on shared machines; callgrind's
+instruction counts do not (the same binary and inputs give the same count within ~0.1%). For each
+op and mode this runs one process under ``valgrind --tool=callgrind`` that calls the op N times
+in the region, collecting only inside one function (``--toggle-collect``):
+
+* ``at::_ops::<op>::call``: everything one call of the op costs in C++ (dispatch, casts, kernel);
+* ``*run_autocast_kernel*``: ampkit's dispatcher kernel, inclusive (ampkit mode only).
+
+Compare two builds by running this script with each on PYTHONPATH. Needs valgrind.
+
+    python benchmarks/bench_autocast_instructions.py [--calls 2000] [--json PATH]
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+import torch
+
+CHILD = r"""
+import sys, torch, ampkit
+torch.set_num_threads(1)
+op, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+a, b = torch.randn(16, 16), torch.randn(16, 16)
+f = {"mm": lambda: torch.mm(a, b), "relu": lambda: torch.relu(a)}[op]
+ctx = {"none": lambda: torch.autocast("cpu", enabled=False),
+       "torch": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+       "ampkit": lambda: ampkit.autocast("cpu", dtype=torch.bfloat16)}[mode]
+with ctx():
+    for _ in range(n):
+        f()
+"""
+
+
+def instructions(op, mode, calls, toggle):
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    cmd = ["valgrind", "--tool=callgrind", f"--toggle-collect={toggle}", "--callgrind-out-file=/dev/null",
+           sys.executable, "-c", CHILD, op, mode, str(calls)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stderr
+    match = re.search(r"Collected : (\d+)", out)
+    if match is None:
+        raise RuntimeError(f"no callgrind total in the output of {cmd}:\n{out}")
+    return int(match.group(1)) / calls
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
+    rows = []
+    for op in ("relu", "mm"):
+        row = {"op": op}
+        for mode in ("none", "torch", "ampkit"):
+            row[f"{mode}_instr"] = instructions(op, mode, args.calls, f"at::_ops::{op}::call*")
+        row["ampkit_kernel_instr"] = instructions(op, "ampkit", args.calls, "*run_autocast_kernel*")
+        rows.append(row)
+    print(f"CPU {cpu_model()}, torch {torch.__version__}, bf16, {args.calls} calls, instructions per call")
+    print(f"{'op':6s} {'none':>10s} {'torch':>10s} {'ampkit':>10s} {'ampkit kernel':>14s}")
+    for r in rows:
+        print(f"{r['op']:6s} {r['none_instr']:10.0f} {r['torch_instr']:10.0f} {r['ampkit_instr']:10.0f} "
+              f"{r['ampkit_kernel_instr']:14.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_model(), "torch": torch.__version__, "calls": args.calls, "results": rows}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()
