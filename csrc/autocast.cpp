@@ -1,6 +1,7 @@
 #include <ampkit/autocast.h>
 
 #include "autocast_kernel.h"
+#include "autocast_region.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CachedTensorUtils.h>
@@ -9,7 +10,10 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <algorithm>
+#include <atomic>
 #include <unordered_map>
+#include <vector>
 
 namespace ampkit {
 namespace detail {
@@ -34,11 +38,16 @@ struct CacheEntry {
 };
 
 struct ThreadState {
-  int depth = 0;
+  std::vector<AutocastRegionPtr> regions;  // open regions, in the order they were entered
+  std::uint64_t abandoned_seen = 0;        // the value of `abandonments` last checked
   std::unordered_map<c10::TensorImpl*, CacheEntry> cache;
 };
 
 thread_local ThreadState tls;
+
+// Bumped whenever a region is abandoned (left on another thread): threads look for abandoned
+// regions of theirs only when it changed.
+std::atomic<std::uint64_t> abandonments{0};
 
 // What a call sees of the thread's autocast state, read once per call (torch's TLS).
 struct CallState {
@@ -223,61 +232,142 @@ void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype
                     dtype_name(dtype));
 }
 
-AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled,
-                              std::optional<bool> cache_enabled) {
+namespace {
+
+// The pieces of thread state a region sets: torch's enabled flag and dtype of its device type,
+// torch's cache flag, and (when it sets_key) ampkit's key bits. Leaving a region restores each
+// piece unless a region entered after it, still open, set the same piece: then the current
+// value is that region's, and that region restores this one's saved value instead.
+void restore_device(const AutocastRegion& r) {
+  at::autocast::set_autocast_enabled(r.device_type, r.prev_torch_enabled);
+  at::autocast::set_autocast_dtype(r.device_type, r.prev_dtype);
+}
+void restore_cache(const AutocastRegion& r) { at::autocast::set_autocast_cache_enabled(r.prev_cache_enabled); }
+void restore_key(const AutocastRegion& r) {
+  c10::impl::tls_set_dispatch_key_included(kAutocastKey, r.prev_key_included);
+  c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, r.prev_key_excluded);
+}
+
+void close_region(size_t index) {
+  auto& regions = tls.regions;
+  const AutocastRegionPtr r = regions[index];
+  AutocastRegion* later_device = nullptr;
+  AutocastRegion* later_cache = nullptr;
+  AutocastRegion* later_key = nullptr;
+  for (size_t j = index + 1; j < regions.size(); ++j) {
+    AutocastRegion* later = regions[j].get();
+    if (!later_device && later->device_type == r->device_type) later_device = later;
+    if (!later_cache) later_cache = later;
+    if (!later_key && later->sets_key) later_key = later;
+  }
+  if (later_device) {
+    later_device->prev_torch_enabled = r->prev_torch_enabled;
+    later_device->prev_dtype = r->prev_dtype;
+  } else {
+    restore_device(*r);
+  }
+  if (later_cache) {
+    later_cache->prev_cache_enabled = r->prev_cache_enabled;
+  } else {
+    restore_cache(*r);
+  }
+  if (r->sets_key) {
+    if (later_key) {
+      later_key->prev_key_included = r->prev_key_included;
+      later_key->prev_key_excluded = r->prev_key_excluded;
+    } else {
+      restore_key(*r);
+    }
+  }
+  r->open = false;
+  regions.erase(regions.begin() + static_cast<std::ptrdiff_t>(index));
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  if (regions.empty()) tls.cache.clear();
+}
+
+// Closes this thread's regions that were left on another thread.
+void close_abandoned() {
+  const std::uint64_t now = abandonments.load(std::memory_order_acquire);
+  if (now == tls.abandoned_seen) return;
+  tls.abandoned_seen = now;
+  for (size_t i = tls.regions.size(); i-- > 0;) {
+    if (tls.regions[i]->abandoned.load(std::memory_order_acquire)) close_region(i);
+  }
+}
+
+}  // namespace
+
+AutocastRegionPtr enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled,
+                                 std::optional<bool> cache_enabled) {
   check_autocast_arguments(device_type, dtype, enabled);
   ensure_initialized();
+  close_abandoned();
 
-  AutocastRegion region;
-  region.device_type = device_type;
-  region.prev_torch_enabled = at::autocast::is_autocast_enabled(device_type);
-  region.prev_dtype = at::autocast::get_autocast_dtype(device_type);
-  region.prev_cache_enabled = at::autocast::is_autocast_cache_enabled();
-  region.prev_key_included = c10::impl::tls_is_dispatch_key_included(kAutocastKey);
-  region.prev_key_excluded = c10::impl::tls_is_dispatch_key_excluded(kAutocastKey);
+  auto region = std::make_shared<AutocastRegion>();
+  region->device_type = device_type;
+  region->owner = std::this_thread::get_id();
+  region->prev_torch_enabled = at::autocast::is_autocast_enabled(device_type);
+  region->prev_dtype = at::autocast::get_autocast_dtype(device_type);
+  region->prev_cache_enabled = at::autocast::is_autocast_cache_enabled();
+  region->prev_key_included = c10::impl::tls_is_dispatch_key_included(kAutocastKey);
+  region->prev_key_excluded = c10::impl::tls_is_dispatch_key_excluded(kAutocastKey);
+  // A disabled region leaves the key as it was: it costs nothing, and an enclosing ampkit region
+  // stays in charge. Device types without a table get torch's region alone: torch's lists apply.
+  region->sets_key = enabled && policy_device_index(device_type) >= 0;
+  tls.regions.reserve(tls.regions.size() + 1);  // the push below cannot throw after the state changed
 
   // torch.autocast's __enter__, step by step, so that torch sees the region ...
   at::autocast::set_autocast_enabled(device_type, enabled);
   at::autocast::set_autocast_dtype(device_type, dtype);
   at::autocast::increment_nesting();
-  at::autocast::set_autocast_cache_enabled(cache_enabled.value_or(region.prev_cache_enabled));
-  // ... and ampkit's key, so that ampkit's table decides what the ops run in. A disabled region
-  // leaves the key as it was: it costs nothing, and an enclosing ampkit region stays in charge.
-  // Device types without a table (xpu, mps, ...) get torch's region alone: torch's lists apply.
-  if (enabled && policy_device_index(device_type) >= 0) {
+  at::autocast::set_autocast_cache_enabled(cache_enabled.value_or(region->prev_cache_enabled));
+  // ... and ampkit's key, so that ampkit's table decides what the ops run in.
+  if (region->sets_key) {
     c10::impl::tls_set_dispatch_key_included(kAutocastKey, true);
     c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, false);
   }
-  region.depth = ++tls.depth;
+  region->open = true;
+  tls.regions.push_back(region);
   return region;
 }
 
-void exit_autocast(const AutocastRegion& region) {
-  TORCH_CHECK(region.depth == tls.depth && region.depth > 0,
-              "ampkit.autocast: expected to leave the innermost autocast region of this thread (depth ", tls.depth,
-              "), got a region of depth ", region.depth,
-              "; regions must be left in reverse order of entry, on the thread that entered them");
-  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-  at::autocast::set_autocast_enabled(region.device_type, region.prev_torch_enabled);
-  at::autocast::set_autocast_dtype(region.device_type, region.prev_dtype);
-  at::autocast::set_autocast_cache_enabled(region.prev_cache_enabled);
-  c10::impl::tls_set_dispatch_key_included(kAutocastKey, region.prev_key_included);
-  c10::impl::tls_set_dispatch_key_excluded(kAutocastKey, region.prev_key_excluded);
-  if (--tls.depth == 0) tls.cache.clear();
+void exit_autocast(const AutocastRegionPtr& region) {
+  TORCH_CHECK(region != nullptr, "ampkit.autocast: expected a region to leave, got none");
+  if (region->owner != std::this_thread::get_id()) {
+    if (!region->abandoned.exchange(true, std::memory_order_acq_rel)) {
+      abandonments.fetch_add(1, std::memory_order_acq_rel);
+    }
+    TORCH_CHECK(false,
+                "ampkit.autocast: expected to leave the region on the thread that entered it, got a call from "
+                "another thread; autocast state is per thread, so the region stays in effect on its thread until "
+                "that thread enters or leaves another region, which closes it");
+  }
+  close_abandoned();
+  TORCH_CHECK(region->open,
+              "ampkit.autocast: expected an open region, got one that was already left (each region is left once)");
+  const auto it = std::find(tls.regions.begin(), tls.regions.end(), region);
+  TORCH_INTERNAL_ASSERT(it != tls.regions.end(), "an open region is on its thread's stack");
+  close_region(static_cast<size_t>(it - tls.regions.begin()));
 }
+
+int open_autocast_regions() { return static_cast<int>(tls.regions.size()); }
 
 }  // namespace detail
 
 AutocastGuard::AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled,
                              std::optional<bool> cache_enabled)
-    : region_(detail::enter_autocast(device_type, dtype, enabled, cache_enabled)) {}
+    : device_type_(device_type), region_(detail::enter_autocast(device_type, dtype, enabled, cache_enabled)) {}
 
 AutocastGuard::AutocastGuard(c10::DeviceType device_type, bool enabled, std::optional<bool> cache_enabled)
     : AutocastGuard(device_type, at::autocast::get_autocast_dtype(device_type), enabled, cache_enabled) {}
 
 AutocastGuard::~AutocastGuard() {
-  // C++ scopes nest, so the region is the innermost one and this cannot throw.
-  detail::exit_autocast(region_);
+  // A guard destroyed on another thread (one allocated with new) cannot change its thread's state:
+  // it is abandoned, and its thread closes it at its next region entry or exit.
+  try {
+    detail::exit_autocast(region_);
+  } catch (const c10::Error&) {
+  }
 }
 
 bool is_autocast_enabled(c10::DeviceType device_type) {
@@ -293,7 +383,7 @@ c10::ScalarType get_autocast_dtype(c10::DeviceType device_type) {
 
 bool is_autocast_cache_enabled() { return at::autocast::is_autocast_cache_enabled(); }
 
-int autocast_nesting_depth() { return detail::tls.depth; }
+int autocast_nesting_depth() { return static_cast<int>(detail::tls.regions.size()); }
 
 std::size_t autocast_cache_size() { return detail::tls.cache.size(); }
 

@@ -3,6 +3,8 @@
 #include <ampkit/autocast.h>
 #include <ampkit/optim.h>
 
+#include "autocast_region.h"
+
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/util/Exception.h>

@@ -2,6 +2,8 @@
 
 #include <ampkit/autocast.h>
 
+#include "autocast_region.h"
+
 #include <ATen/autocast_mode.h>
 
 #include <pybind11/stl.h>
@@ -28,8 +30,8 @@ class PyAutocastRegion {
 
   void exit() {
     TORCH_CHECK(region_, "ampkit._C._AutocastRegion.exit: expected an entered region, got one not entered");
-    detail::exit_autocast(*region_);
-    region_.reset();
+    detail::AutocastRegionPtr region = std::move(region_);
+    detail::exit_autocast(region);  // on a throw the region is left for good (closed or abandoned)
   }
 
  private:
@@ -37,7 +39,7 @@ class PyAutocastRegion {
   c10::ScalarType dtype_;
   bool enabled_;
   std::optional<bool> cache_enabled_;
-  std::optional<detail::AutocastRegion> region_;
+  detail::AutocastRegionPtr region_;
 };
 
 }  // namespace
@@ -47,7 +49,8 @@ void bind_autocast(py::module_& m) {
       .def(py::init<const std::string&, c10::ScalarType, bool, std::optional<bool>>(), py::arg("device_type"),
            py::arg("dtype"), py::arg("enabled"), py::arg("cache_enabled"))
       .def("enter", &PyAutocastRegion::enter, "Enters the region on the calling thread.")
-      .def("exit", &PyAutocastRegion::exit, "Leaves the region; it must be the thread's innermost.");
+      .def("exit", &PyAutocastRegion::exit,
+           "Leaves the region, in any order; raises if called on another thread than the one that entered it.");
 
   m.def(
       "check_autocast_device",

@@ -12,39 +12,20 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 
 namespace ampkit {
 
 namespace detail {
-/// What entering an autocast region changed, so that leaving it restores exactly that.
-/// Used by AutocastGuard and by the Python binding, whose regions are not C++ scopes.
-struct AutocastRegion {
-  c10::DeviceType device_type = c10::DeviceType::CPU;
-  int depth = 0;                    ///< nesting depth of ampkit regions on this thread once entered
-  bool prev_torch_enabled = false;  ///< torch's autocast state of the device type before entering
-  c10::ScalarType prev_dtype = c10::ScalarType::Undefined;
-  bool prev_cache_enabled = true;
-  bool prev_key_included = false;  ///< AutocastPrivateUse1 bits in the thread-local sets
-  bool prev_key_excluded = true;
-};
-
-/// Throws c10::Error for a device type torch's autocast does not support and c10::ValueError for
-/// an enabled region whose dtype is not fp16 / bf16.
-void check_autocast_arguments(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled);
-
-/// Validates the arguments, then enters a region on the calling thread (nothing changed if it throws).
-AutocastRegion enter_autocast(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled,
-                              std::optional<bool> cache_enabled);
-
-/// Leaves \p region. Regions must be left innermost first on the thread that entered them:
-/// otherwise throws c10::Error and changes nothing.
-void exit_autocast(const AutocastRegion& region);
+struct AutocastRegion;  // csrc/autocast_region.h
 }  // namespace detail
 
 /// RAII autocast region. Non-copyable and non-movable; nestable (an inner guard may change
 /// the dtype or disable autocast); thread-local; exception-safe (the destructor restores
-/// the state exactly, also when unwinding).
+/// the state exactly, also when unwinding). Guards left out of order (heap-allocated ones) still
+/// restore the thread's state once all are gone; one destroyed on another thread is closed by
+/// its own thread at that thread's next region entry or exit.
 ///
 /// The region is torch's autocast state as well: inside it `at::autocast::is_autocast_enabled`,
 /// `get_autocast_dtype` and `is_autocast_cache_enabled` (and their Python spellings) report it,
@@ -74,10 +55,11 @@ class AutocastGuard {
   AutocastGuard(AutocastGuard&&) = delete;
   AutocastGuard& operator=(AutocastGuard&&) = delete;
 
-  c10::DeviceType device_type() const { return region_.device_type; }
+  c10::DeviceType device_type() const { return device_type_; }
 
  private:
-  detail::AutocastRegion region_;
+  c10::DeviceType device_type_;
+  std::shared_ptr<detail::AutocastRegion> region_;
 };
 
 /// Whether ops on \p device_type are autocast by ampkit's table on this thread: an enabled ampkit

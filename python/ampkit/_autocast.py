@@ -1,7 +1,7 @@
 """ampkit.autocast: torch.autocast itself, with ampkit's policy tables deciding the precision of each op."""
 import contextlib
 import threading
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -68,31 +68,33 @@ class autocast(_TorchAutocast):
         if cache_enabled is not None and not isinstance(cache_enabled, bool):
             raise TypeError(f"ampkit.autocast: expected cache_enabled to be a bool or None, got {cache_enabled!r}")
         super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
-        # Regions entered and not yet left, per thread: a decorated function may recurse or
-        # run on several threads at once.
-        self._local = threading.local()
+        # Regions entered and not yet left, as (thread id, region): a decorated function may recurse
+        # or run on several threads at once, and a generator may be finished on another thread.
+        self._regions: List[Tuple[int, Any]] = []
 
     @torch.compiler.disable
     def __enter__(self) -> "autocast":
         _sync_compiled_code()
         region = _C._AutocastRegion(self.device, self.fast_dtype, self._enabled, self._cache_enabled)
         region.enter()
-        stack = getattr(self._local, "regions", None)
-        if stack is None:
-            stack = self._local.regions = []
-        stack.append(region)
+        self._regions.append((threading.get_ident(), region))
         return self
 
     @torch.compiler.disable
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
-        stack = getattr(self._local, "regions", None)
-        if not stack:
+        # The region this `with` entered: the latest of this thread, or (a generator or coroutine
+        # finished on another thread) the latest of any thread, which the core refuses to leave
+        # here and hands back to its own thread.
+        me = threading.get_ident()
+        regions = list(self._regions)  # list operations are atomic; this snapshot is searched
+        entry = next((e for e in reversed(regions) if e[0] == me), regions[-1] if regions else None)
+        if entry is None:
             raise RuntimeError(
-                "ampkit.autocast.__exit__: expected a region entered by this object on this thread, got none "
-                "(__exit__ without __enter__, or on another thread than the one that entered)"
+                "ampkit.autocast.__exit__: expected a region entered with this object, got none "
+                "(__exit__ called without __enter__, or more often than __enter__)"
             )
-        stack[-1].exit()  # raises, leaving the region open, if it is not the innermost one
-        stack.pop()
+        self._regions.remove(entry)
+        entry[1].exit()  # regions may be left in any order; see ampkit._C._AutocastRegion.exit
         return False
 
 

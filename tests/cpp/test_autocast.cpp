@@ -4,7 +4,10 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "autocast_region.h"
+
 #include <atomic>
+#include <random>
 #include <thread>
 
 using ampkit::AutocastGuard;
@@ -264,16 +267,133 @@ TEST_CASE("bad guard arguments are refused and change nothing", "[autocast]") {
   CHECK(torch::mm(torch::randn({2, 2}), torch::randn({2, 2})).scalar_type() == at::kFloat);
 }
 
-TEST_CASE("regions must be left innermost first", "[autocast]") {
-  auto outer = ampkit::detail::enter_autocast(c10::kCPU, at::kBFloat16, true, true);
-  auto inner = ampkit::detail::enter_autocast(c10::kCPU, at::kHalf, true, true);
-  CHECK_THAT(
-      error_of([&] { ampkit::detail::exit_autocast(outer); }),
-      Contains("expected to leave the innermost autocast region of this thread (depth 2), got a region of depth 1"));
-  CHECK(ampkit::get_autocast_dtype(c10::kCPU) == at::kHalf);  // unchanged by the refused exit
-  ampkit::detail::exit_autocast(inner);
-  ampkit::detail::exit_autocast(outer);
-  CHECK(ampkit::autocast_nesting_depth() == 0);
+namespace {
+
+// The thread state a region can change, as torch and ampkit report it.
+struct ThreadAutocastState {
+  bool cpu_enabled, cuda_enabled, cache, key_included, key_excluded;
+  c10::ScalarType cpu_dtype, cuda_dtype;
+  bool operator==(const ThreadAutocastState&) const = default;
+};
+
+ThreadAutocastState thread_state() {
+  return {at::autocast::is_autocast_enabled(c10::kCPU),
+          at::autocast::is_autocast_enabled(c10::kCUDA),
+          at::autocast::is_autocast_cache_enabled(),
+          key_included(),
+          key_excluded(),
+          at::autocast::get_autocast_dtype(c10::kCPU),
+          at::autocast::get_autocast_dtype(c10::kCUDA)};
+}
+
+struct RegionArgs {
+  c10::DeviceType device;
+  c10::ScalarType dtype;
+  bool enabled;
+  std::optional<bool> cache;
+};
+
+// The oracle: the state with the given regions open, whatever order others were left in, is the
+// original state with each open region's settings applied in the order they were entered.
+ThreadAutocastState expected_state(ThreadAutocastState s, const std::vector<RegionArgs>& open) {
+  for (const auto& r : open) {
+    (r.device == c10::kCPU ? s.cpu_enabled : s.cuda_enabled) = r.enabled;
+    (r.device == c10::kCPU ? s.cpu_dtype : s.cuda_dtype) = r.dtype;
+    s.cache = *r.cache;
+    if (r.enabled) {
+      s.key_included = true;
+      s.key_excluded = false;
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("regions left in any order restore the thread's state", "[autocast]") {
+  using ampkit::detail::enter_autocast;
+  using ampkit::detail::exit_autocast;
+  const auto original = thread_state();
+  auto a = torch::randn({4, 4}), b = torch::randn({4, 4});
+  SECTION("the outer region left first: the inner one stays in effect, then all is restored") {
+    auto outer = enter_autocast(c10::kCPU, at::kBFloat16, true, std::nullopt);
+    auto inner = enter_autocast(c10::kCPU, at::kHalf, true, false);
+    exit_autocast(outer);
+    CHECK(torch::mm(a, b).scalar_type() == at::kHalf);
+    CHECK(ampkit::autocast_nesting_depth() == 1);
+    exit_autocast(inner);
+    CHECK(thread_state() == original);
+    CHECK(torch::mm(a, b).scalar_type() == at::kFloat);
+  }
+  SECTION("regions of two device types: leaving one ends exactly its own effect") {
+    auto cpu = enter_autocast(c10::kCPU, at::kBFloat16, true, std::nullopt);
+    auto cuda = enter_autocast(c10::kCUDA, at::kHalf, true, std::nullopt);
+    exit_autocast(cpu);
+    CHECK_FALSE(at::autocast::is_autocast_enabled(c10::kCPU));
+    CHECK(torch::mm(a, b).scalar_type() == at::kFloat);
+    CHECK(at::autocast::is_autocast_enabled(c10::kCUDA));
+    exit_autocast(cuda);
+    CHECK(thread_state() == original);
+  }
+  SECTION("a region is left once") {
+    auto r = enter_autocast(c10::kCPU, at::kBFloat16, true, std::nullopt);
+    exit_autocast(r);
+    CHECK_THAT(error_of([&] { exit_autocast(r); }), Contains("expected an open region, got one that was already left"));
+    CHECK(thread_state() == original);
+  }
+  SECTION("random orders, checked against the oracle after every step") {
+    std::mt19937 rng(1234);
+    for (int round = 0; round < 200; ++round) {
+      std::vector<std::pair<ampkit::detail::AutocastRegionPtr, RegionArgs>> open;
+      const int n = 1 + static_cast<int>(rng() % 5);
+      for (int i = 0; i < n; ++i) {
+        RegionArgs args{rng() % 2 ? c10::kCPU : c10::kCUDA, rng() % 2 ? at::kHalf : at::kBFloat16, rng() % 4 != 0,
+                        rng() % 3 == 0 ? std::optional<bool>() : std::optional<bool>(rng() % 2 == 0)};
+        auto region = enter_autocast(args.device, args.dtype, args.enabled, args.cache);
+        // cache_enabled unset means the flag as it was on entry (torch's None), a value of its own.
+        if (!args.cache) args.cache = at::autocast::is_autocast_cache_enabled();
+        open.emplace_back(region, args);
+        std::vector<RegionArgs> now;
+        for (auto& [r, a2] : open) now.push_back(a2);
+        REQUIRE(thread_state() == expected_state(original, now));
+      }
+      while (!open.empty()) {
+        const size_t k = rng() % open.size();
+        exit_autocast(open[k].first);
+        open.erase(open.begin() + static_cast<std::ptrdiff_t>(k));
+        std::vector<RegionArgs> now;
+        for (auto& [r, a2] : open) now.push_back(a2);
+        REQUIRE(thread_state() == expected_state(original, now));
+      }
+      REQUIRE(ampkit::autocast_nesting_depth() == 0);
+      REQUIRE(ampkit::autocast_cache_size() == 0);
+    }
+  }
+}
+
+TEST_CASE("a region left on another thread is closed by its own thread", "[autocast]") {
+  const auto original = thread_state();
+  auto r = ampkit::detail::enter_autocast(c10::kCPU, at::kBFloat16, true, std::nullopt);
+  std::string error;
+  std::thread([&] { error = error_of([&] { ampkit::detail::exit_autocast(r); }); }).join();
+  CHECK_THAT(error, Contains("expected to leave the region on the thread that entered it"));
+  CHECK(at::autocast::is_autocast_enabled(c10::kCPU));  // that thread could not change this one's state
+  {
+    AutocastGuard fresh(c10::kCPU, at::kHalf);  // entering closes the abandoned region first
+    CHECK(ampkit::autocast_nesting_depth() == 1);
+    CHECK(torch::mm(torch::randn({2, 2}), torch::randn({2, 2})).scalar_type() == at::kHalf);
+  }
+  CHECK(thread_state() == original);
+  SECTION("a heap guard destroyed on another thread does not throw, and is closed the same way") {
+    auto* guard = new AutocastGuard(c10::kCPU, at::kBFloat16);
+    std::thread([&] { delete guard; }).join();
+    CHECK(ampkit::autocast_nesting_depth() == 1);
+    {
+      AutocastGuard fresh(c10::kCPU);
+    }
+    CHECK(thread_state() == original);
+    CHECK(ampkit::autocast_nesting_depth() == 0);
+  }
 }
 
 TEST_CASE("the default dtype is torch's autocast dtype of the device", "[autocast]") {

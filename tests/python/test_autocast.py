@@ -1,5 +1,7 @@
 """ampkit.autocast against torch.autocast, the reference, in the same process."""
+import asyncio
 import collections.abc
+import gc
 import os
 import contextlib
 import re
@@ -334,20 +336,123 @@ def test_bad_arguments_name_the_argument(kwargs, error, message):
     assert not ampkit.is_autocast_enabled("cpu")
 
 
-def test_regions_left_out_of_order_are_refused():
+# ------------------------------------------------ regions left out of order, or on another thread
+
+
+def _original_state():
+    return [_torch_state(d) for d in ("cpu", "cuda")], ampkit._C.autocast_nesting_depth(), _torch_nesting()
+
+
+def _assert_recovered(original, abandoned=False):
+    """The thread is back where it started, and a fresh region works and restores it. A region
+    abandoned by another thread is closed when the next region is entered."""
+    if not abandoned:
+        assert _original_state() == original
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with ampkit.autocast("cpu", dtype=torch.float16):
+        assert torch.mm(a, b).dtype == torch.float16
+    assert _original_state() == original
+    assert torch.mm(a, b).dtype == torch.float32
+    assert ampkit.autocast_cache_size() == 0
+
+
+def test_regions_left_in_any_order_end_exactly_their_own_effect():
+    original = _original_state()
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
     outer = ampkit._C._AutocastRegion("cpu", torch.bfloat16, True, True)
     inner = ampkit._C._AutocastRegion("cpu", torch.float16, True, True)
     outer.enter()
     inner.enter()
-    with pytest.raises(RuntimeError, match="expected to leave the innermost autocast region"):
+    outer.exit()  # out of order: the inner region stays in effect
+    assert torch.mm(a, b).dtype == torch.float16
+    with pytest.raises(RuntimeError, match="expected an entered region"):
         outer.exit()
-    assert ampkit.get_autocast_dtype("cpu") == torch.float16
     with pytest.raises(RuntimeError, match="already entered"):
         inner.enter()
     inner.exit()
-    outer.exit()
-    with pytest.raises(RuntimeError, match="expected an entered region"):
-        outer.exit()
+    _assert_recovered(original)
+
+
+def test_interleaved_generators():
+    original = _original_state()
+
+    def gen(dtype):
+        with ampkit.autocast("cpu", dtype=dtype):
+            yield torch.mm(torch.randn(2, 2), torch.randn(2, 2)).dtype
+            yield torch.mm(torch.randn(2, 2), torch.randn(2, 2)).dtype
+
+    g1, g2 = gen(torch.bfloat16), gen(torch.float16)
+    assert next(g1) == torch.bfloat16
+    assert next(g2) == torch.float16
+    assert next(g1) == torch.float16  # state is per thread, as torch's: the latest region entered decides
+    next(g1, None)  # g1 leaves its region first, while g2's is still open
+    assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+    next(g2)
+    next(g2, None)
+    _assert_recovered(original)
+
+
+def test_a_suspended_generator_collected_inside_another_region():
+    original = _original_state()
+
+    def gen():
+        with ampkit.autocast("cpu", dtype=torch.float16):
+            yield
+
+    g = gen()
+    next(g)
+    with ampkit.autocast("cpu", dtype=torch.bfloat16):
+        del g  # GeneratorExit leaves the generator's region, out of order
+        gc.collect()
+        assert torch.mm(torch.randn(2, 2), torch.randn(2, 2)).dtype == torch.bfloat16  # this region is intact
+    _assert_recovered(original)
+
+
+def test_asyncio_tasks_that_await_inside_a_region():
+    original = _original_state()
+
+    async def task(dtype, delay, seen):
+        with ampkit.autocast("cpu", dtype=dtype):
+            await asyncio.sleep(delay)
+            seen.append(torch.get_autocast_dtype("cpu"))
+
+    async def main():
+        seen = []
+        await asyncio.gather(task(torch.float16, 0.02, seen), task(torch.bfloat16, 0.01, seen))
+        return seen
+
+    assert len(asyncio.run(main())) == 2
+    _assert_recovered(original)
+
+
+def test_exit_on_another_thread_is_refused_and_the_owner_thread_recovers():
+    original = _original_state()
+    ctx = ampkit.autocast("cpu", dtype=torch.float16)
+    ctx.__enter__()
+    errors = []
+
+    def other():
+        try:
+            ctx.__exit__(None, None, None)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and "expected to leave the region on the thread that entered it" in errors[0]
+    assert torch.is_autocast_enabled("cpu")  # the other thread could not change this one's state
+    _assert_recovered(original, abandoned=True)
+
+
+def test_exit_without_enter_names_the_problem():
+    with pytest.raises(RuntimeError, match="expected a region entered with this object, got none"):
+        ampkit.autocast("cpu").__exit__(None, None, None)
+    ctx = ampkit.autocast("cpu")
+    with ctx:
+        pass
+    with pytest.raises(RuntimeError, match="more often than __enter__"):
+        ctx.__exit__(None, None, None)
 
 
 def test_banned_op_on_cuda_raises():
