@@ -85,11 +85,11 @@ at::Tensor cast(const at::Tensor& t, c10::ScalarType to, const CallState& state)
   return casted;
 }
 
-void cast_arguments(const OpEntry& e, torch::jit::Stack* stack, c10::ScalarType to, const CallState& state) {
-  const size_t n = e.kinds.size();
+void cast_arguments(const OpSignature& sig, torch::jit::Stack* stack, c10::ScalarType to, const CallState& state) {
+  const size_t n = sig.kinds.size();
   c10::IValue* args = stack->data() + (stack->size() - n);
   for (size_t i = 0; i < n; ++i) {
-    switch (e.kinds[i]) {
+    switch (sig.kinds[i]) {
       case ArgKind::Tensor:
       case ArgKind::OptionalTensor:
         if (args[i].isTensor()) {
@@ -113,7 +113,8 @@ void cast_arguments(const OpEntry& e, torch::jit::Stack* stack, c10::ScalarType 
 
 // torch's at::autocast::prioritize: the widest floating type among Tensor and Tensor[]
 // arguments; Tensor? arguments do not vote.
-c10::ScalarType promote_type(const OpEntry& e, const torch::jit::Stack* stack, const CallState& state) {
+c10::ScalarType promote_type(const OpEntry& e, const OpSignature& sig, const torch::jit::Stack* stack,
+                             const CallState& state) {
   const c10::ScalarType lower = state.dtype;
   c10::ScalarType current = lower;
   auto vote = [&](const at::Tensor& t) {
@@ -128,12 +129,12 @@ c10::ScalarType promote_type(const OpEntry& e, const torch::jit::Stack* stack, c
                   ", got ", dtype_name(next));
     }
   };
-  const size_t n = e.kinds.size();
+  const size_t n = sig.kinds.size();
   const c10::IValue* args = stack->data() + (stack->size() - n);
   for (size_t i = 0; i < n; ++i) {
-    if (e.kinds[i] == ArgKind::Tensor && args[i].isTensor()) {
+    if (sig.kinds[i] == ArgKind::Tensor && args[i].isTensor()) {
       vote(args[i].toTensor());
-    } else if (e.kinds[i] == ArgKind::TensorList) {
+    } else if (sig.kinds[i] == ArgKind::TensorList) {
       for (const at::Tensor& t : args[i].toTensorList()) vote(t);
     }
   }
@@ -143,17 +144,17 @@ c10::ScalarType promote_type(const OpEntry& e, const torch::jit::Stack* stack, c
 // The device type whose autocast applies: among the tensor arguments' device types with a
 // table, the one of highest priority (CUDA over CPU, as in torch) whose torch autocast is enabled
 // on this thread (its key not in \p excluded, read before the kernel's own exclusions), or -1.
-int call_device(const OpEntry& e, const torch::jit::Stack* stack, c10::DispatchKeySet excluded) {
+int call_device(const OpSignature& sig, const torch::jit::Stack* stack, c10::DispatchKeySet excluded) {
   int best = -1;
   auto consider = [&](const at::Tensor& t) {
     if (!t.defined()) return;
     const int d = policy_device_index(t.device().type());
     if (d > best && !excluded.has(torch_autocast_key(d))) best = d;
   };
-  const size_t n = e.kinds.size();
+  const size_t n = sig.kinds.size();
   const c10::IValue* args = stack->data() + (stack->size() - n);
   for (size_t i = 0; i < n; ++i) {
-    switch (e.kinds[i]) {
+    switch (sig.kinds[i]) {
       case ArgKind::Tensor:
       case ArgKind::OptionalTensor:
         if (args[i].isTensor()) consider(args[i].toTensor());
@@ -185,32 +186,38 @@ void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::D
   const c10::DispatchKeySet excluded = c10::impl::tls_local_dispatch_key_set().excluded_;
   // Casts and the op's own decomposition must reach neither this kernel nor torch's.
   c10::impl::ExcludeDispatchKeyGuard no_reentry(kKernelExcludedKeys);
-  const int d = call_device(e, stack, excluded);
+  const OpSignature* sig = e.signature.load(std::memory_order_acquire);
+  // No signature: the operator's schema changed since the entry was built (see OpEntry).
+  if (sig == nullptr || sig->kinds.size() > stack->size()) return redispatch(op, keys, stack);
+  const int d = call_device(*sig, stack, excluded);
   const std::int8_t raw = d < 0 ? kNoPolicy : e.policy[d].load(std::memory_order_acquire);
   if (raw == kNoPolicy) return redispatch(op, keys, stack);
 
   const c10::DeviceType device_type = policy_device_type(d);
   const CallState state{device_type, at::autocast::get_autocast_dtype(device_type),
                         at::autocast::is_autocast_cache_enabled()};
-  const size_t n = e.kinds.size();
+  const size_t n = sig->kinds.size();
   switch (static_cast<CastPolicy>(raw)) {
-    case CastPolicy::lower_precision_fp: cast_arguments(e, stack, state.dtype, state); break;
-    case CastPolicy::fp32: cast_arguments(e, stack, at::kFloat, state); break;
-    case CastPolicy::promote: cast_arguments(e, stack, promote_type(e, stack, state), state); break;
+    case CastPolicy::lower_precision_fp: cast_arguments(*sig, stack, state.dtype, state); break;
+    case CastPolicy::fp32: cast_arguments(*sig, stack, at::kFloat, state); break;
+    case CastPolicy::promote: cast_arguments(*sig, stack, promote_type(e, *sig, stack, state), state); break;
     case CastPolicy::fp32_set_opt_dtype: {
       c10::IValue* args = stack->data() + (stack->size() - n);
       if (args[0].isTensor() && eligible(args[0].toTensor(), device_type)) {
         for (size_t i = 0; i < n; ++i) {
-          if (e.kinds[i] == ArgKind::OptionalScalarType && args[i].isNone()) args[i] = c10::IValue(at::kFloat);
+          if (sig->kinds[i] == ArgKind::OptionalScalarType && args[i].isNone()) args[i] = c10::IValue(at::kFloat);
         }
       }
       break;
     }
     case CastPolicy::fp32_append_dtype: {
+      // Published before the policy; absent only if this call read an older signature while the
+      // policy was being set on another thread.
+      if (!sig->append_target) return redispatch(op, keys, stack);
       const at::Tensor& first = (stack->end() - n)->toTensor();
       const auto out_type = eligible(first, device_type) ? at::kFloat : first.scalar_type();
       stack->emplace_back(out_type);
-      e.append_target->callBoxed(stack);
+      sig->append_target->callBoxed(stack);
       return;
     }
     case CastPolicy::banned:

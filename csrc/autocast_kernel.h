@@ -32,22 +32,34 @@ enum class ArgKind : std::uint8_t { Tensor, OptionalTensor, TensorList, Optional
 
 constexpr std::int8_t kNoPolicy = -1;
 
+// What the kernel needs to know of an operator's schema: how to treat each argument, and the
+// `dtype` overload that fp32_append_dtype calls (when that policy is in some table). Immutable once
+// published; a schema change publishes a new one. Never freed: a kernel call on another thread may
+// still read an old one.
+struct OpSignature {
+  std::vector<ArgKind> kinds;
+  std::optional<c10::OperatorHandle> append_target;
+};
+
 // One operator that has (or had) an entry in some table. Created once, never destroyed:
 // its kernel stays registered for the life of the process, because changing the
 // dispatcher's tables while other threads dispatch is a data race. Table edits only store
 // into `policy`, which the kernel loads once per call.
+//
+// Everything the kernel reads is published with release stores and read with acquire loads:
+// `policy` per device type, and `signature`, which is null while the operator has no schema or its
+// schema changed since the signature was built (the operator was deregistered and defined again):
+// the kernel then runs the operator without casting until the registry rebuilt it (at the next
+// region entry or table call), so that an entry is never used with another schema than its own.
 struct OpEntry {
-  OpEntry(std::string n, c10::OperatorHandle h, std::vector<ArgKind> k)
-      : name(std::move(n)), handle(std::move(h)), kinds(std::move(k)) {
+  explicit OpEntry(std::string n, c10::OperatorHandle h) : name(std::move(n)), handle(std::move(h)) {
     for (auto& p : policy) p.store(kNoPolicy, std::memory_order_relaxed);
+    signature.store(nullptr, std::memory_order_relaxed);
   }
   const std::string name;
   const c10::OperatorHandle handle;
-  const std::vector<ArgKind> kinds;
   std::array<std::atomic<std::int8_t>, kNumPolicyDevices> policy;
-  // The `dtype` overload that fp32_append_dtype calls. Written once, before the first release
-  // store of that policy; read only after an acquire load has seen it.
-  std::optional<c10::OperatorHandle> append_target;
+  std::atomic<const OpSignature*> signature;
 };
 
 // Registers the fallthrough fallback and the default tables on first use; throws if another

@@ -345,23 +345,32 @@ std::optional<c10::OperatorHandle> check_policy_fits(const std::string& op, cons
 
 class AutocastKernel final : public c10::OperatorKernel {
  public:
-  explicit AutocastKernel(const OpEntry* entry) : entry_(entry) {}
+  // The entry is published with a release store, read with an acquire load: the kernel may run on
+  // another thread as soon as the dispatcher has it, and that publication is not synchronized.
+  explicit AutocastKernel(const OpEntry* entry) { entry_.store(entry, std::memory_order_release); }
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-    run_autocast_kernel(*entry_, op, keys, stack);
+    run_autocast_kernel(*entry_.load(std::memory_order_acquire), op, keys, stack);
   }
 
  private:
-  const OpEntry* entry_;
+  std::atomic<const OpEntry*> entry_;
 };
 
 struct Registry {
   std::mutex mutex;
-  bool initialized = false;
+  std::atomic<bool> initialized{false};
   std::array<PolicyMap, kNumPolicyDevices> tables;
-  std::deque<OpEntry> entries;  // deque: entries never move, kernels point at them
+  std::deque<OpEntry> entries;         // deque: entries never move, kernels point at them
+  std::deque<OpSignature> signatures;  // never freed: kernels on other threads may still read old ones
   std::unordered_map<std::string, OpEntry*> by_name;
   std::unique_ptr<torch::Library> fallback;
   std::unordered_map<std::string, std::unique_ptr<torch::Library>> libraries;  // per namespace
+  // The schema listener's view of the entries. Its own mutex, never held while taking another:
+  // the dispatcher calls the listener with its lock held, and `mutex` is held while registering.
+  std::mutex index_mutex;
+  std::unordered_map<std::string, OpEntry*> index;
+  std::atomic<bool> stale{false};  // some entry's schema changed: rebuild before the next use
+  std::optional<c10::RegistrationHandleRAII> listener;
 };
 
 // Never destroyed: the registered kernels and libraries must outlive every op call, also
@@ -371,10 +380,46 @@ Registry& registry() {
   return *r;
 }
 
+// Told by the dispatcher when an operator is defined or its definition removed (a
+// torch.library.Library destroyed, then the name defined again, perhaps with other arguments).
+// An entry of such an operator stops casting at once; the registry rebuilds it under its lock.
+class SchemaListener final : public c10::OpRegistrationListener {
+ public:
+  void onOperatorRegistered(const c10::OperatorHandle& op) override { invalidate(op); }
+  void onOperatorDeregistered(const c10::OperatorHandle& op) override { invalidate(op); }
+
+ private:
+  static void invalidate(const c10::OperatorHandle& op) {
+    auto& r = registry();
+    std::lock_guard<std::mutex> lock(r.index_mutex);
+    if (r.index.empty()) return;
+    auto it = r.index.find(full_name(op.operator_name()));
+    if (it == r.index.end()) return;
+    it->second->signature.store(nullptr, std::memory_order_release);
+    r.stale.store(true, std::memory_order_release);
+  }
+};
+
+void publish_signature(Registry& r, OpEntry& e, const c10::FunctionSchema& schema, bool needs_append_target) {
+  OpSignature& sig = r.signatures.emplace_back();
+  sig.kinds = classify_all(schema);
+  if (needs_append_target) sig.append_target = find_dtype_overload(schema);
+  e.signature.store(&sig, std::memory_order_release);
+}
+
+bool has_append_policy(const Registry& r, const std::string& op) {
+  for (const auto& table : r.tables) {
+    auto it = table.find(op);
+    if (it != table.end() && it->second == CastPolicy::fp32_append_dtype) return true;
+  }
+  return false;
+}
+
 OpEntry& entry_for(Registry& r, const std::string& op, const c10::OperatorHandle& handle) {
   auto it = r.by_name.find(op);
   if (it != r.by_name.end()) return *it->second;
-  OpEntry& e = r.entries.emplace_back(op, handle, classify_all(handle.schema()));
+  OpEntry& e = r.entries.emplace_back(op, handle);
+  publish_signature(r, e, handle.schema(), false);
   const auto& name = handle.operator_name();
   const std::string ns = name.name.substr(0, name.name.find("::"));
   auto& lib = r.libraries[ns];
@@ -383,7 +428,16 @@ OpEntry& entry_for(Registry& r, const std::string& op, const c10::OperatorHandle
   if (!name.overload_name.empty()) local += "." + name.overload_name;
   lib->impl(local.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutocastKernel>(&e)));
   r.by_name.emplace(op, &e);
+  std::lock_guard<std::mutex> lock(r.index_mutex);
+  r.index.emplace(op, &e);
   return e;
+}
+
+// Gives \p e a signature with the dtype overload, for a policy fp32_append_dtype about to be stored.
+void ensure_append_target(Registry& r, OpEntry& e) {
+  const OpSignature* sig = e.signature.load(std::memory_order_acquire);
+  if (sig == nullptr || sig->append_target) return;
+  publish_signature(r, e, e.handle.schema(), true);
 }
 
 std::atomic<std::uint64_t> generation{0};
@@ -391,6 +445,32 @@ std::atomic<std::uint64_t> generation{0};
 void store_policy(OpEntry& e, int device, std::optional<CastPolicy> policy) {
   generation.fetch_add(1, std::memory_order_relaxed);
   e.policy[device].store(policy ? static_cast<std::int8_t>(*policy) : kNoPolicy, std::memory_order_release);
+}
+
+// Rebuilds the entries whose operator was defined again since (see SchemaListener). A policy that
+// does not fit the new schema is dropped from its table, with a warning that says why.
+void revalidate_locked(Registry& r) {
+  if (!r.stale.exchange(false, std::memory_order_acq_rel)) return;
+  for (auto& e : r.entries) {
+    if (e.signature.load(std::memory_order_acquire) != nullptr) continue;
+    auto handle = c10::Dispatcher::singleton().findSchema(parse_op_name(e.name));
+    if (!handle) continue;  // not defined at the moment; rebuilt when it is
+    for (int d = 0; d < kNumPolicyDevices; ++d) {
+      auto it = r.tables[d].find(e.name);
+      if (it == r.tables[d].end()) continue;
+      try {
+        check_policy_fits(e.name, handle->schema(), it->second);
+      } catch (const c10::Error& err) {
+        TORCH_WARN("ampkit: dropped the ", to_string(it->second), " policy of '", e.name, "' on ",
+                   c10::DeviceTypeName(policy_device_type(d), /*lower_case=*/true),
+                   ": the operator was defined again as ", handle->schema(), ", which the policy does not fit (",
+                   err.what_without_backtrace(), ")");
+        r.tables[d].erase(it);
+        store_policy(e, d, std::nullopt);
+      }
+    }
+    publish_signature(r, e, handle->schema(), has_append_policy(r, e.name));
+  }
 }
 
 const PolicyMap& defaults(int device) {
@@ -410,9 +490,7 @@ const PolicyMap& defaults(int device) {
 void apply_table(Registry& r, int device, const PolicyMap& table) {
   for (const auto& [op, policy] : table) {
     auto& e = entry_for(r, op, find_op(op));
-    if (policy == CastPolicy::fp32_append_dtype && !e.append_target) {
-      e.append_target = check_policy_fits(op, e.handle.schema(), policy);
-    }
+    if (policy == CastPolicy::fp32_append_dtype) ensure_append_target(r, e);
   }
   for (auto& e : r.entries) {
     auto it = table.find(e.name);
@@ -422,17 +500,20 @@ void apply_table(Registry& r, int device, const PolicyMap& table) {
 }
 
 void init_locked(Registry& r) {
-  if (r.initialized) return;
-  auto& dispatcher = c10::Dispatcher::singleton();
-  TORCH_CHECK(!dispatcher.hasBackendFallbackForDispatchKey(kAutocastKey),
-              "ampkit: expected the AutocastPrivateUse1 dispatch key to be free, got a fallback already registered "
-              "on it (a PrivateUse1 device backend such as torch_npu, auto-loaded by `import torch`, or a second "
-              "copy of ampkit). ampkit's autocast needs that key: set TORCH_DEVICE_BACKEND_AUTOLOAD=0 or uninstall "
-              "the backend");
-  r.fallback = std::make_unique<torch::Library>(torch::Library::IMPL, "_", kAutocastKey, __FILE__, __LINE__);
-  r.fallback->fallback(torch::CppFunction::makeFallthrough());
-  for (int d = 0; d < kNumPolicyDevices; ++d) apply_table(r, d, defaults(d));
-  r.initialized = true;
+  if (!r.initialized.load(std::memory_order_relaxed)) {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    TORCH_CHECK(!dispatcher.hasBackendFallbackForDispatchKey(kAutocastKey),
+                "ampkit: expected the AutocastPrivateUse1 dispatch key to be free, got a fallback already registered "
+                "on it (a PrivateUse1 device backend such as torch_npu, auto-loaded by `import torch`, or a second "
+                "copy of ampkit). ampkit's autocast needs that key: set TORCH_DEVICE_BACKEND_AUTOLOAD=0 or uninstall "
+                "the backend");
+    r.listener.emplace(dispatcher.addRegistrationListener(std::make_unique<SchemaListener>()));
+    r.fallback = std::make_unique<torch::Library>(torch::Library::IMPL, "_", kAutocastKey, __FILE__, __LINE__);
+    r.fallback->fallback(torch::CppFunction::makeFallthrough());
+    for (int d = 0; d < kNumPolicyDevices; ++d) apply_table(r, d, defaults(d));
+    r.initialized.store(true, std::memory_order_release);
+  }
+  revalidate_locked(r);
 }
 
 int checked_device(c10::DeviceType device_type) {
@@ -449,6 +530,8 @@ std::uint64_t policy_generation() { return generation.load(std::memory_order_rel
 
 void ensure_initialized() {
   auto& r = registry();
+  // The fast path of every region entry: no lock once initialized and nothing to rebuild.
+  if (r.initialized.load(std::memory_order_acquire) && !r.stale.load(std::memory_order_acquire)) return;
   std::lock_guard<std::mutex> lock(r.mutex);
   init_locked(r);
 }
@@ -517,7 +600,7 @@ void set_policy(c10::DeviceType device_type, std::string_view op, CastPolicy pol
   std::lock_guard<std::mutex> lock(r.mutex);
   init_locked(r);
   auto& e = entry_for(r, name, handle);
-  if (target && !e.append_target) e.append_target = target;
+  if (target) ensure_append_target(r, e);
   r.tables[d][name] = policy;
   store_policy(e, d, policy);
 }

@@ -25,7 +25,9 @@ class PyAutocastRegion {
     TORCH_CHECK(!region_,
                 "ampkit._C._AutocastRegion.enter: expected a region that is not entered, got one "
                 "already entered");
-    region_ = detail::enter_autocast(device_type_, dtype_, enabled_, cache_enabled_);
+    // Entering may rebuild table entries of redefined operators, which can warn.
+    region_ =
+        with_python_warnings([&] { return detail::enter_autocast(device_type_, dtype_, enabled_, cache_enabled_); });
   }
 
   void exit() {

@@ -20,14 +20,14 @@ void bind_cast_policy(py::module_& m) {
   m.def(
       "get_policy",
       [](const std::string& op, const std::string& device_type) {
-        return get_policy(parse_device_type(device_type), op);
+        return with_python_warnings([&] { return get_policy(parse_device_type(device_type), op); });
       },
       py::arg("op"), py::arg("device_type"),
       "The policy of op (e.g. 'aten::mm') on device_type, or None when it has no entry.");
   m.def(
       "set_policy",
       [](const std::string& op, CastPolicy policy, const std::string& device_type) {
-        set_policy(parse_device_type(device_type), op, policy);
+        with_python_warnings([&] { set_policy(parse_device_type(device_type), op, policy); });
       },
       py::arg("op"), py::arg("policy"), py::arg("device_type"),
       "Adds or replaces the entry of op. Refused (table unchanged) for unknown or in-place ops and for a "
@@ -35,11 +35,14 @@ void bind_cast_policy(py::module_& m) {
   m.def(
       "remove_policy",
       [](const std::string& op, const std::string& device_type) {
-        return remove_policy(parse_device_type(device_type), op);
+        return with_python_warnings([&] { return remove_policy(parse_device_type(device_type), op); });
       },
       py::arg("op"), py::arg("device_type"), "Removes the entry of op; returns False when it had none.");
   m.def(
-      "list_policies", [](const std::string& device_type) { return list_policies(parse_device_type(device_type)); },
+      "list_policies",
+      [](const std::string& device_type) {
+        return with_python_warnings([&] { return list_policies(parse_device_type(device_type)); });
+      },
       py::arg("device_type"), "The table of device_type as a dict op -> CastPolicy.");
   m.def(
       "default_policies",
@@ -48,10 +51,12 @@ void bind_cast_policy(py::module_& m) {
   m.def(
       "reset_policies",
       [](const std::optional<std::string>& device_type) {
-        if (device_type)
-          reset_policies(parse_device_type(*device_type));
-        else
-          reset_policies();
+        with_python_warnings([&] {
+          if (device_type)
+            reset_policies(parse_device_type(*device_type));
+          else
+            reset_policies();
+        });
       },
       py::arg("device_type") = py::none(), "Restores the default table of device_type, or of every device type.");
   m.def("_policy_generation", &detail::policy_generation,

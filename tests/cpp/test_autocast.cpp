@@ -17,9 +17,10 @@ using ampkit_test::error_of;
 using ampkit_test::ResetPoliciesOnExit;
 using Catch::Matchers::Contains;
 
-// A custom operator that ampkit knows nothing about until the test gives it a policy.
+// Custom operators that ampkit knows nothing about until a test gives them a policy.
 TORCH_LIBRARY(ampkit_test, m) {
   m.def("scale2(Tensor x) -> Tensor", [](const at::Tensor& x) { return x * 2; });
+  m.def("scale3(Tensor x) -> Tensor", [](const at::Tensor& x) { return x * 3; });
 }
 
 namespace {
@@ -371,7 +372,7 @@ TEST_CASE("regions left in any order restore the thread's state", "[autocast]") 
   }
 }
 
-TEST_CASE("a region left on another thread is closed by its own thread", "[autocast]") {
+TEST_CASE("a region left on another thread is closed by its own thread", "[autocast][concurrency]") {
   const auto original = thread_state();
   auto r = ampkit::detail::enter_autocast(c10::kCPU, at::kBFloat16, true, std::nullopt);
   std::string error;
@@ -403,7 +404,7 @@ TEST_CASE("the default dtype is torch's autocast dtype of the device", "[autocas
   CHECK(ampkit::get_autocast_dtype(c10::kCUDA) == at::kHalf);
 }
 
-TEST_CASE("guards are thread-local: two threads with different guards at once", "[autocast]") {
+TEST_CASE("guards are thread-local: two threads with different guards at once", "[autocast][concurrency]") {
   auto a = torch::randn({16, 16}), b = torch::randn({16, 16});
   const auto want_bf16 = torch::mm(a.to(at::kBFloat16), b.to(at::kBFloat16));
   const auto want_fp16 = torch::mm(a.to(at::kHalf), b.to(at::kHalf));
@@ -429,7 +430,7 @@ TEST_CASE("guards are thread-local: two threads with different guards at once", 
   CHECK_FALSE(ampkit::is_autocast_enabled(c10::kCPU));  // nothing leaked into this thread
 }
 
-TEST_CASE("table edits take effect while guards are alive, alongside other threads", "[autocast]") {
+TEST_CASE("table edits take effect while guards are alive, alongside other threads", "[autocast][concurrency]") {
   ResetPoliciesOnExit reset;
   auto x = torch::randn({8}, at::kBFloat16);
   std::atomic<bool> stop{false};
@@ -600,4 +601,43 @@ TEST_CASE("the weight cache and grad mode: a cast cached under no_grad keeps the
     y.to(at::kFloat).sum().backward();
     CHECK(w.grad().defined());
   }
+}
+
+TEST_CASE("an op's first policy is set while other threads call it", "[autocast][concurrency]") {
+  // The first set_policy of an op builds its entry and registers ampkit's kernel while callers run:
+  // each call sees the op either without or with its policy, never a half-built entry (TSan job).
+  ResetPoliciesOnExit reset;
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ampkit_test::scale3", "").typed<at::Tensor(const at::Tensor&)>();
+  auto x = torch::randn({16});
+  const auto plain = x * 3;
+  const auto cast = x.to(at::kBFloat16) * 3;
+  std::atomic<bool> start{false}, stop{false};
+  std::atomic<int> bad{0}, calls{0};
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 3; ++t) {
+    callers.emplace_back([&] {
+      AutocastGuard g(c10::kCPU);
+      while (!start) std::this_thread::yield();
+      while (!stop) {
+        const auto y = op.call(x);
+        if (!bitwise_equal(y, plain) && !bitwise_equal(y, cast)) bad++;
+        calls++;
+      }
+    });
+  }
+  start = true;
+  while (calls.load() < 50) std::this_thread::yield();
+  ampkit::set_policy(c10::kCPU, "ampkit_test::scale3", CastPolicy::lower_precision_fp);
+  for (int i = 0; i < 50; ++i) {
+    ampkit::set_policy(c10::kCPU, "ampkit_test::scale3", i % 2 ? CastPolicy::fp32 : CastPolicy::lower_precision_fp);
+  }
+  const int seen = calls.load();
+  while (calls.load() < seen + 50) std::this_thread::yield();
+  stop = true;
+  for (auto& t : callers) t.join();
+  CHECK(bad.load() == 0);
+  AutocastGuard g(c10::kCPU);
+  ampkit::set_policy(c10::kCPU, "ampkit_test::scale3", CastPolicy::lower_precision_fp);
+  CHECK(bitwise_equal(op.call(x), cast));
 }

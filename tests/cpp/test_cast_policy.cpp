@@ -5,6 +5,7 @@
 #include <set>
 
 using ampkit::CastPolicy;
+using ampkit_test::bitwise_equal;
 using ampkit_test::error_of;
 using ampkit_test::ResetPoliciesOnExit;
 using Catch::Matchers::Contains;
@@ -147,4 +148,69 @@ TEST_CASE("policies that fit: dtype overloads are found", "[cast_policy]") {
   ampkit::set_policy(c10::kCPU, "aten::softmax.int", CastPolicy::fp32_set_opt_dtype);
   CHECK(ampkit::get_policy(c10::kCPU, "aten::norm.Scalar") == CastPolicy::fp32_append_dtype);
   CHECK(ampkit::get_policy(c10::kCPU, "aten::sum") == CastPolicy::fp32_set_opt_dtype);
+}
+
+namespace {
+
+// Boxed kernels (as Python's torch.library registers): an operator defined with typed C++ kernels
+// cannot be defined again with another C++ signature while any library still registers a kernel
+// for it, ampkit's included (torch keeps the first signature).
+void add_first_two(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  auto args = torch::jit::last(*stack, 4);
+  at::Tensor out = args[0].toTensor() + args[1].toTensor();
+  torch::jit::drop(*stack, 4);
+  torch::jit::push(*stack, std::move(out));
+}
+void twice(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+  at::Tensor out = torch::jit::pop(*stack).toTensor() * 2;
+  torch::jit::push(*stack, std::move(out));
+}
+
+std::unique_ptr<torch::Library> define_redef(bool four_args) {
+  auto lib = std::make_unique<torch::Library>(torch::Library::DEF, "ampkit_redef", std::nullopt, __FILE__, __LINE__);
+  if (four_args) {
+    lib->def("f(Tensor a, Tensor b, Tensor[] c, ScalarType? dtype=None) -> Tensor",
+             torch::CppFunction::makeFromBoxedFunction<&add_first_two>());
+  } else {
+    lib->def("f(Tensor a) -> Tensor", torch::CppFunction::makeFromBoxedFunction<&twice>());
+  }
+  return lib;
+}
+
+at::Tensor call_redef(const std::vector<c10::IValue>& args) {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ampkit_redef::f", "");
+  torch::jit::Stack stack(args.begin(), args.end());
+  op.callBoxed(&stack);
+  return stack.back().toTensor();
+}
+
+}  // namespace
+
+TEST_CASE("an operator defined again with other arguments is never run with its old entry", "[cast_policy]") {
+  ResetPoliciesOnExit reset;
+  using ampkit::AutocastGuard;
+  auto x = torch::randn({8});
+  auto lib = define_redef(true);
+  ampkit::set_policy(c10::kCPU, "ampkit_redef::f", CastPolicy::lower_precision_fp);
+  ampkit::set_policy(c10::kCUDA, "ampkit_redef::f", CastPolicy::fp32_set_opt_dtype);
+  {
+    AutocastGuard g(c10::kCPU);
+    CHECK(bitwise_equal(call_redef({x, x, c10::List<at::Tensor>({x}), c10::IValue()}),
+                        x.to(at::kBFloat16) + x.to(at::kBFloat16)));
+  }
+  SECTION("called before ampkit rebuilt the entry: runs uncast, reads nothing of the old schema") {
+    AutocastGuard g(c10::kCPU);  // entered before the redefinition; the entry is rebuilt at the next entry
+    lib.reset();                 // the definition is gone; ampkit's kernel stays registered under the name
+    lib = define_redef(false);
+    CHECK(bitwise_equal(call_redef({x}), x * 2));
+  }
+  SECTION("rebuilt at the next region: the fitting policy applies, the other is dropped with a reason") {
+    lib.reset();
+    lib = define_redef(false);
+    AutocastGuard g(c10::kCPU);
+    CHECK(bitwise_equal(call_redef({x}), x.to(at::kBFloat16) * 2));
+    CHECK(ampkit::get_policy(c10::kCPU, "ampkit_redef::f") == CastPolicy::lower_precision_fp);
+    CHECK_FALSE(ampkit::get_policy(c10::kCUDA, "ampkit_redef::f").has_value());  // needs a dtype argument
+  }
+  lib.reset();
 }

@@ -1,4 +1,7 @@
 """The cast-policy tables from Python: defaults equal torch's lists; edits take effect at once."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -90,3 +93,35 @@ def test_refused_edits_leave_tables_unchanged(op, policy, device, exc, message):
 def test_policy_enum_members():
     assert set(CastPolicy.__members__) == {
         "LOWER_PRECISION_FP", "FP32", "FP32_SET_OPT_DTYPE", "FP32_APPEND_DTYPE", "PROMOTE", "BANNED"}
+
+
+REDEFINE = r"""
+import gc, warnings, torch, ampkit
+x = torch.randn(4)
+lib = torch.library.Library("pyredef", "DEF")
+lib.define("f(Tensor a, Tensor b, Tensor[] c, ScalarType? dtype=None) -> Tensor")
+lib.impl("f", lambda a, b, c, dtype=None: a + b, "CompositeExplicitAutograd")
+ampkit.set_policy("pyredef::f", "lower_precision_fp", "cpu")
+ampkit.set_policy("pyredef::f", "fp32_set_opt_dtype", "cuda")
+with ampkit.autocast("cpu"):
+    assert torch.ops.pyredef.f(x, x, [x]).dtype == torch.bfloat16
+    lib._destroy(); del lib; gc.collect()
+    lib = torch.library.Library("pyredef", "DEF")
+    lib.define("f(Tensor a) -> Tensor")  # fewer arguments: the old entry would read below the stack
+    lib.impl("f", lambda a: a * 2, "CompositeExplicitAutograd")
+    assert torch.equal(torch.ops.pyredef.f(x), x * 2)  # not rebuilt yet: runs uncast
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with ampkit.autocast("cpu"):
+        assert torch.equal(torch.ops.pyredef.f(x), x.bfloat16() * 2)
+assert ampkit.get_policy("pyredef::f", "cpu") == ampkit.CastPolicy.LOWER_PRECISION_FP
+assert ampkit.get_policy("pyredef::f", "cuda") is None
+assert any("dropped the fp32_set_opt_dtype policy of 'pyredef::f' on cuda" in str(w.message) for w in caught)
+print("OK")
+"""
+
+
+def test_an_operator_defined_again_with_fewer_arguments_is_safe():
+    # In a subprocess: before the fix the kernel read below the argument stack (a crash).
+    out = subprocess.run([sys.executable, "-c", REDEFINE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "OK", out.stdout + out.stderr
