@@ -41,6 +41,13 @@ void GradScalerOptions::validate() const { detail::validate_options(*this, /*che
 
 namespace detail {
 
+// The scale lives in a float32 tensor: a value is usable if float32 holds it finite and > 0
+// (1e-50 would round to 0, 1e39 to inf).
+bool float32_positive(double v) {
+  const float f = static_cast<float>(v);
+  return std::isfinite(v) && std::isfinite(f) && f > 0.0f;
+}
+
 void validate_options(const GradScalerOptions& o, bool check_init_scale) {
   TORCH_CHECK_VALUE(std::isfinite(o.growth_factor()) && o.growth_factor() > 1.0,
                     "GradScaler: expected growth_factor to be finite and > 1, got ", o.growth_factor());
@@ -50,17 +57,28 @@ void validate_options(const GradScalerOptions& o, bool check_init_scale) {
                     "GradScaler: expected growth_interval in [1, 2**31 - 1], got ", o.growth_interval());
   TORCH_CHECK_VALUE(o.hysteresis() >= 1 && o.hysteresis() <= kMaxInt32,
                     "GradScaler: expected hysteresis in [1, 2**31 - 1], got ", o.hysteresis());
-  TORCH_CHECK_VALUE(std::isfinite(o.min_scale()) && o.min_scale() > 0.0,
-                    "GradScaler: expected min_scale to be finite and > 0, got ", o.min_scale());
-  TORCH_CHECK_VALUE(!std::isnan(o.max_scale()) && o.max_scale() >= o.min_scale(),
-                    "GradScaler: expected max_scale >= min_scale (", o.min_scale(), "), got ", o.max_scale());
+  TORCH_CHECK_VALUE(float32_positive(o.min_scale()),
+                    "GradScaler: expected min_scale to be > 0 and finite in float32 (the scale's type: ",
+                    std::numeric_limits<float>::denorm_min(), " to ", std::numeric_limits<float>::max(), "), got ",
+                    o.min_scale());
+  TORCH_CHECK_VALUE(!std::isnan(o.max_scale()) && o.max_scale() >= o.min_scale() &&
+                        (std::isinf(o.max_scale()) || float32_positive(o.max_scale())),
+                    "GradScaler: expected max_scale >= min_scale (", o.min_scale(),
+                    ") and finite in float32 (<= ", std::numeric_limits<float>::max(), ") or inf, got ", o.max_scale());
   if (check_init_scale) {
-    TORCH_CHECK_VALUE(std::isfinite(o.init_scale()) && o.init_scale() > 0.0,
-                      "GradScaler: expected init_scale to be finite and > 0, got ", o.init_scale());
+    TORCH_CHECK_VALUE(float32_positive(o.init_scale()),
+                      "GradScaler: expected init_scale to be > 0 and finite in float32 (<= ",
+                      std::numeric_limits<float>::max(), "), got ", o.init_scale());
     TORCH_CHECK_VALUE(o.init_scale() >= o.min_scale() && o.init_scale() <= o.max_scale(),
                       "GradScaler: expected init_scale in [min_scale, max_scale] = [", o.min_scale(), ", ",
                       o.max_scale(), "], got ", o.init_scale());
   }
+}
+
+void check_new_scale(double new_scale, const GradScalerOptions& o) {
+  TORCH_CHECK_VALUE(float32_positive(new_scale) && new_scale >= o.min_scale() && new_scale <= o.max_scale(),
+                    "GradScaler.update: expected new_scale to be finite and in [min_scale, max_scale] = [",
+                    o.min_scale(), ", ", o.max_scale(), "], got ", new_scale);
 }
 
 at::Tensor reciprocal_scale(const at::Tensor& scale) {
@@ -144,8 +162,8 @@ GradScalerOptions options_from_state(const GradScalerState& state, const GradSca
   if (state.hysteresis) o.hysteresis(*state.hysteresis);
   validate_options(o, /*check_init_scale=*/false);
   // A scale below min_scale (torch lets it go denormal) loads as is; the next update() clamps it.
-  TORCH_CHECK_VALUE(std::isfinite(state.scale) && state.scale > 0.0,
-                    "GradScaler.load_state_dict: expected 'scale' to be finite and > 0, got ", state.scale);
+  TORCH_CHECK_VALUE(float32_positive(state.scale),
+                    "GradScaler.load_state_dict: expected 'scale' to be > 0 and finite in float32, got ", state.scale);
   TORCH_CHECK_VALUE(state.growth_tracker >= 0 && state.growth_tracker <= kMaxInt32,
                     "GradScaler.load_state_dict: expected '_growth_tracker' in [0, 2**31 - 1], got ",
                     state.growth_tracker);
@@ -338,9 +356,7 @@ void GradScaler::update() {
 void GradScaler::update(double new_scale) {
   if (!is_enabled()) return;
   check_initialized("update");
-  TORCH_CHECK_VALUE(std::isfinite(new_scale) && new_scale >= options_.min_scale() && new_scale <= options_.max_scale(),
-                    "GradScaler.update: expected new_scale to be finite and in [min_scale, max_scale] = [",
-                    options_.min_scale(), ", ", options_.max_scale(), "], got ", new_scale);
+  detail::check_new_scale(new_scale, options_);
   scale_.fill_(new_scale);
   per_optimizer_.clear();
 }
@@ -356,13 +372,11 @@ void GradScaler::update(const at::Tensor& new_scale) {
                         ? new_scale.toString() + " of " + std::to_string(new_scale.numel()) + " elements on " +
                               new_scale.device().str() + (new_scale.requires_grad() ? " requiring grad" : "")
                         : std::string("an undefined tensor"));
-  // Reading the value would sync; clamp on the device instead.
+  // One host read to check the value: a NaN, inf or negative scale would make every later step
+  // skip (torch copies it unchecked).
+  const double value = new_scale.item<double>();
+  detail::check_new_scale(value, options_);
   scale_.copy_(new_scale.reshape({}));
-  if (std::isinf(options_.max_scale())) {
-    scale_.clamp_min_(options_.min_scale());
-  } else {
-    scale_.clamp_(options_.min_scale(), options_.max_scale());
-  }
   per_optimizer_.clear();
 }
 

@@ -41,7 +41,11 @@ std::optional<T> state_number(const py::dict& sd, const char* key, bool required
   } else {
     TORCH_CHECK_VALUE(is_int, "GradScaler.load_state_dict: expected '", key, "' to be an int, got ",
                       py::repr(v).cast<std::string>());
-    return v.cast<int64_t>();
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+    TORCH_CHECK_VALUE(overflow == 0, "GradScaler.load_state_dict: expected '", key, "' to fit in 64 bits, got ",
+                      py::repr(v).cast<std::string>());
+    return static_cast<int64_t>(value);
   }
 }
 
@@ -82,6 +86,14 @@ void bind_grad_scaler(py::module_& m) {
       py::arg("min_scale"), py::arg("max_scale"), py::arg("hysteresis"),
       "Raises ValueError, naming the key, unless state_dict (ampkit's or torch.amp.GradScaler's) can be loaded into "
       "a scaler with these options; absent ampkit keys keep these options.");
+
+  m.def(
+      "_check_new_scale",
+      [](double new_scale, double min_scale, double max_scale) {
+        detail::check_new_scale(new_scale, GradScalerOptions().min_scale(min_scale).max_scale(max_scale));
+      },
+      py::arg("new_scale"), py::arg("min_scale"), py::arg("max_scale"),
+      "Raises ValueError unless new_scale is finite and > 0 in float32 and within [min_scale, max_scale].");
 
   m.def("_reciprocal_scale", &detail::reciprocal_scale, py::arg("scale"),
         "1 / scale in float64, rounded to float32, as torch.amp.GradScaler computes it.",

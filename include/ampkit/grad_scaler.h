@@ -65,8 +65,8 @@ struct GradScalerOptions {
     enabled_ = v;
     return *this;
   }
-  /// Lower bound of the scale (> 0). The default, the smallest positive normal float, keeps a
-  /// long run of overflows from driving the scale into denormals and then to 0 (pytorch#99640).
+  /// Lower bound of the scale (> 0 and finite in float32, the scale's type). The default, the smallest positive normal
+  /// float, keeps a long run of overflows from driving the scale into denormals and then to 0 (pytorch#99640).
   GradScalerOptions& min_scale(double v) {
     min_scale_ = v;
     return *this;
@@ -197,8 +197,9 @@ class GradScaler {
   void update();
   /// Sets the scale to \p new_scale (in [min_scale, max_scale]) instead of updating it.
   void update(double new_scale);
-  /// Copies the 1-element \p new_scale (on the scale's device type, no grad) into the scale and
-  /// clamps it to [min_scale, max_scale] on the device.
+  /// Copies the 1-element \p new_scale (on the scale's device type, no grad) into the scale after
+  /// reading it once (a host sync) to check it as update(double) does: torch copies a NaN, inf
+  /// or negative value unchecked, and every later step would then be skipped.
   void update(const at::Tensor& new_scale);
 
   /// The scale as a double (synchronizes); init_scale before the first scale(); 1 when disabled.
@@ -253,7 +254,8 @@ class GradScaler {
 
   /// Writes state_dict() into \p archive (nothing when disabled).
   void save(torch::serialize::OutputArchive& archive) const;
-  /// Reads what save() wrote, through load_state_dict().
+  /// Reads what save() wrote, through load_state_dict(). Archives are TorchScript-format files:
+  /// load only trusted ones (Python's state dicts load with torch.load(weights_only=True)).
   void load(torch::serialize::InputArchive& archive);
 
  private:
@@ -298,6 +300,10 @@ at::Tensor reciprocal_scale(const at::Tensor& scale);
 /// appearance; the one on inv_scale's device is created there. Params without grad are skipped.
 /// Throws c10::ValueError on fp16 grads unless \p allow_fp16, before changing anything.
 std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale, bool allow_fp16);
+
+/// Throws c10::ValueError unless \p new_scale is finite and > 0 in float32 and within
+/// [min_scale, max_scale] of \p options.
+void check_new_scale(double new_scale, const GradScalerOptions& options);
 
 /// GradScalerOptions::validate(), optionally without the check that init_scale lies within
 /// [min_scale, max_scale] (setters and loaded state dicts may move the bounds past it).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
@@ -22,6 +23,7 @@ __all__ = ["GradScaler", "OptState"]
 
 # Smallest positive normal float32: the default lower bound of the scale.
 _FLT_MIN = 1.1754943508222875e-38
+_MAX_INT32 = 2**31 - 1
 
 
 class _ArgumentError(ValueError, AssertionError):
@@ -45,6 +47,8 @@ def _check_float(name: str, value: Any) -> float:
 def _check_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"GradScaler: expected {name} to be an int, got {value!r}")
+    if not 1 <= value <= _MAX_INT32:  # before C++ sees it: pybind would refuse it with no name
+        raise _ArgumentError(f"GradScaler: expected {name} in [1, 2**31 - 1], got {value!r}")
     return int(value)
 
 
@@ -235,11 +239,7 @@ class GradScaler(torch.amp.GradScaler):
         if new_scale is not None:
             if isinstance(new_scale, numbers.Real) and not isinstance(new_scale, bool):
                 value = float(new_scale)
-                if not (math.isfinite(value) and self._min_scale <= value <= self._max_scale):
-                    raise _ArgumentError(
-                        "GradScaler.update: expected new_scale to be finite and in [min_scale, max_scale] = "
-                        f"[{self._min_scale}, {self._max_scale}], got {value}"
-                    )
+                self._check_new_scale(value)
                 scale.fill_(value)
             else:
                 if not (
@@ -253,8 +253,10 @@ class GradScaler(torch.amp.GradScaler):
                         f"GradScaler.update: expected new_scale to be a float or a 1-element floating tensor on "
                         f"'{self._device}' with requires_grad=False, got {new_scale!r}"
                     )
+                # One host read to check it: torch copies a NaN, inf or negative scale unchecked, and
+                # every later step is then skipped.
+                self._check_new_scale(float(new_scale.item()))
                 scale.copy_(new_scale.reshape(()))
-                scale.clamp_(self._min_scale, self._max_scale)  # on the device: reading it would sync
         else:
             found_infs = [
                 t for state in self._per_optimizer_states.values() for t in state["found_inf_per_device"].values()
@@ -270,6 +272,12 @@ class GradScaler(torch.amp.GradScaler):
                 self._min_scale, self._max_scale, self._hysteresis,
             )
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+
+    def _check_new_scale(self, value: float) -> None:
+        try:
+            _C._check_new_scale(value, self._min_scale, self._max_scale)
+        except ValueError as e:
+            raise _ArgumentError(str(e)) from None
 
     def last_step_skipped(self) -> Optional[torch.Tensor]:
         """0-dim bool tensor on the scale's device: whether the last ``step`` skipped its optimizer's
@@ -368,15 +376,7 @@ class GradScaler(torch.amp.GradScaler):
         """
         if not self._enabled:
             return
-        if len(state_dict) == 0:
-            raise RuntimeError(
-                "The source state dict is empty, possibly because it was saved from a disabled instance of "
-                "GradScaler."
-            )
-        _C._check_grad_scaler_state(
-            state_dict, self._growth_factor, self._backoff_factor, self._growth_interval,
-            self._min_scale, self._max_scale, self._hysteresis,
-        )
+        self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
         self._init_scale = float(state_dict["scale"])
         self._growth_factor = float(state_dict["growth_factor"])
@@ -389,6 +389,21 @@ class GradScaler(torch.amp.GradScaler):
         self._init_overflow_streak = int(state_dict.get("_overflow_streak", 0))
         if self._overflow_streak is not None:
             self._overflow_streak.fill_(self._init_overflow_streak)
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        """Raises, naming the key, unless ``state_dict`` can be loaded; changes nothing."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"GradScaler.load_state_dict: expected state_dict to be a dict, got "
+                            f"{type(state_dict).__name__}")
+        if len(state_dict) == 0:
+            raise RuntimeError(
+                "The source state dict is empty, possibly because it was saved from a disabled instance of "
+                "GradScaler."
+            )
+        _C._check_grad_scaler_state(
+            dict(state_dict), self._growth_factor, self._backoff_factor, self._growth_interval,
+            self._min_scale, self._max_scale, self._hysteresis,
+        )
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()  # torch's checks; its tensors become lazy init values

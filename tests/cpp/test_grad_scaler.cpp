@@ -206,14 +206,19 @@ TEST_CASE("GradScalerOptions: bad options throw ValueError naming the option", "
   CHECK(message(GradScalerOptions().growth_interval(0)) ==
         "GradScaler: expected growth_interval in [1, 2**31 - 1], got 0");
   CHECK(message(GradScalerOptions().hysteresis(0)) == "GradScaler: expected hysteresis in [1, 2**31 - 1], got 0");
-  CHECK(message(GradScalerOptions().min_scale(0.0)) == "GradScaler: expected min_scale to be finite and > 0, got 0");
+  CHECK(message(GradScalerOptions().min_scale(0.0)) ==
+        "GradScaler: expected min_scale to be > 0 and finite in float32 (the scale's type: 1.4013e-45 to "
+        "3.40282e+38), got 0");
+  // Checked in float32, the scale's type: 1e-50 rounds to 0, the collapse min_scale exists to prevent.
+  CHECK_THAT(message(GradScalerOptions().min_scale(1e-50)), Catch::Contains("got 1e-50"));
   CHECK(message(GradScalerOptions().min_scale(4).max_scale(2).init_scale(3)) ==
-        "GradScaler: expected max_scale >= min_scale (4), got 2");
-  CHECK(message(GradScalerOptions().init_scale(0)) == "GradScaler: expected init_scale to be finite and > 0, got 0");
-  CHECK(message(GradScalerOptions().init_scale(std::nan(""))) ==
-        "GradScaler: expected init_scale to be finite and > 0, got nan");
-  CHECK(message(GradScalerOptions().init_scale(kInf)) ==
-        "GradScaler: expected init_scale to be finite and > 0, got inf");
+        "GradScaler: expected max_scale >= min_scale (4) and finite in float32 (<= 3.40282e+38) or inf, got 2");
+  CHECK_THAT(message(GradScalerOptions().max_scale(1e39)), Catch::Contains("or inf, got 1e+39"));
+  CHECK(message(GradScalerOptions().init_scale(0)) ==
+        "GradScaler: expected init_scale to be > 0 and finite in float32 (<= 3.40282e+38), got 0");
+  CHECK_THAT(message(GradScalerOptions().init_scale(std::nan(""))), Catch::EndsWith("got nan"));
+  CHECK_THAT(message(GradScalerOptions().init_scale(kInf)), Catch::EndsWith("got inf"));
+  CHECK_THAT(message(GradScalerOptions().init_scale(1e39)), Catch::EndsWith("got 1e+39"));
   CHECK(message(GradScalerOptions().init_scale(2048).max_scale(1024)) ==
         "GradScaler: expected init_scale in [min_scale, max_scale] = [1.17549e-38, 1024], got 2048");
   CHECK(value_error(GradScalerOptions().growth_factor(0.5)));
@@ -520,13 +525,17 @@ TEST_CASE("GradScaler: update(new_scale) sets the scale", "[grad_scaler]") {
   (void)scaler.scale(torch::ones({1}));
   scaler.update(16.0);
   CHECK(scaler.get_scale() == 16);
-  scaler.update(torch::full({1}, 4096.0));  // clamped on the device
-  CHECK(scaler.get_scale() == 1024);
-  scaler.update(torch::full({}, 0.5));
-  CHECK(scaler.get_scale() == 2);
   scaler.update(torch::full({}, 100.0, torch::kDouble));
   CHECK(scaler.get_scale() == 100);
   CHECK_THROWS_AS(scaler.update(4096.0), c10::ValueError);
+  // A tensor is read once and checked as a float (torch copies NaN, inf or negatives unchecked;
+  // after a NaN every later step would be skipped).
+  for (double bad : {4096.0, 0.5, -1.0, std::nan(""), kInf}) {
+    CHECK_THAT(error_of([&] { scaler.update(torch::full({1}, bad)); }),
+               Catch::StartsWith("GradScaler.update: expected new_scale to be finite and in [min_scale, max_scale] = "
+                                 "[2, 1024], got"));
+  }
+  CHECK(scaler.get_scale() == 100);
 }
 
 TEST_CASE("GradScaler: scale() of one or several tensors", "[grad_scaler]") {
@@ -641,7 +650,7 @@ TEST_CASE("GradScaler: state dict round trip, with torch's keys", "[grad_scaler]
     bad = *sd;
     bad.scale = 0;
     CHECK(error_of([&] { b.load_state_dict(bad); }) ==
-          "GradScaler.load_state_dict: expected 'scale' to be finite and > 0, got 0");
+          "GradScaler.load_state_dict: expected 'scale' to be > 0 and finite in float32, got 0");
     bad = *sd;
     bad.overflow_streak = 5;
     CHECK(error_of([&] { b.load_state_dict(bad); }) ==

@@ -355,7 +355,7 @@ def test_load_state_dict_errors():
         s.load_state_dict({**good, "scale": "big"})
     with pytest.raises(ValueError, match="expected growth_factor to be finite and > 1, got 0.5"):
         s.load_state_dict({**good, "growth_factor": 0.5})
-    with pytest.raises(ValueError, match="expected 'scale' to be finite and > 0, got inf"):
+    with pytest.raises(ValueError, match="expected 'scale' to be > 0 and finite in float32, got inf"):
         s.load_state_dict({**good, "scale": math.inf})
     assert s.state_dict() == before
     disabled = ampkit.GradScaler("cpu", enabled=False)
@@ -391,11 +391,16 @@ def test_pickling_mirrors_torch():
         (dict(backoff_factor=0.0), r"expected backoff_factor in \(0, 1\), got 0"),
         (dict(growth_interval=0), r"expected growth_interval in \[1, 2\*\*31 - 1\], got 0"),
         (dict(growth_interval=2.5), "expected growth_interval to be an int, got 2.5"),
-        (dict(init_scale=0.0), "expected init_scale to be finite and > 0, got 0"),
-        (dict(init_scale=math.inf), "expected init_scale to be finite and > 0, got inf"),
+        (dict(init_scale=0.0), r"expected init_scale to be > 0 and finite in float32 \(<= 3.40282e\+38\), got 0"),
+        (dict(init_scale=math.inf), "expected init_scale to be > 0 and finite in float32.*got inf"),
+        (dict(init_scale=1e39), "expected init_scale to be > 0 and finite in float32.*got 1e\\+39"),
         (dict(init_scale="1"), "expected init_scale to be a float, got '1'"),
-        (dict(min_scale=0.0), "expected min_scale to be finite and > 0, got 0"),
-        (dict(min_scale=4.0, max_scale=2.0, init_scale=3.0), r"expected max_scale >= min_scale \(4\), got 2"),
+        (dict(min_scale=0.0), "expected min_scale to be > 0 and finite in float32.*got 0"),
+        (dict(min_scale=1e-50), "expected min_scale to be > 0 and finite in float32.*got 1e-50"),  # rounds to 0
+        (dict(min_scale=4.0, max_scale=2.0, init_scale=3.0), r"expected max_scale >= min_scale \(4\).*got 2"),
+        (dict(max_scale=1e39), r"expected max_scale >= min_scale.*finite in float32.*or inf, got 1e\+39"),
+        (dict(growth_interval=2**70), r"expected growth_interval in \[1, 2\*\*31 - 1\], got 1180591620717411303424"),
+        (dict(hysteresis=2**40), r"expected hysteresis in \[1, 2\*\*31 - 1\], got 1099511627776"),
         (dict(max_scale=1024.0), r"expected init_scale in \[min_scale, max_scale\]"),
         (dict(hysteresis=0), r"expected hysteresis in \[1, 2\*\*31 - 1\], got 0"),
         (dict(enabled="yes"), "expected enabled to be a bool, got 'yes'"),
@@ -675,3 +680,31 @@ def test_bad_arguments_are_value_errors_and_torch_s_assertion_errors():
     s.scale(torch.ones(()))
     with pytest.raises(AssertionError):
         s.update(torch.ones(2))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0, 1e39], ids=repr)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_update_refuses_a_bad_new_scale_and_keeps_the_scale(bad, as_tensor):
+    # torch copies a tensor new_scale unchecked: after a NaN every later step is skipped.
+    s = ampkit.GradScaler("cpu", init_scale=8.0)
+    p = torch.ones(2, requires_grad=True)
+    s.scale(p.sum()).backward()
+    s.step(torch.optim.SGD([p], lr=0.1))
+    new_scale = torch.tensor(bad) if as_tensor else bad
+    with pytest.raises(ValueError, match="expected new_scale to be finite and in \\[min_scale, max_scale\\]"):
+        s.update(new_scale)
+    assert s.get_scale() == 8.0
+    s.update(torch.tensor(4.0) if as_tensor else 4.0)
+    assert s.get_scale() == 4.0
+
+
+def test_state_dict_of_the_wrong_type_or_range_names_the_problem():
+    s = ampkit.GradScaler("cpu")
+    good = torch.amp.GradScaler("cpu").state_dict()
+    with pytest.raises(TypeError, match="expected state_dict to be a dict, got list"):
+        s.load_state_dict(list(good.items()))
+    with pytest.raises(ValueError, match="expected '_growth_tracker' to fit in 64 bits, got 1180591620717411303424"):
+        s.load_state_dict({**good, "_growth_tracker": 2**70})
+    with pytest.raises(ValueError, match="expected 'growth_interval' to fit in 64 bits"):
+        s.load_state_dict({**good, "growth_interval": -(2**80)})
+    assert s.state_dict()["_growth_tracker"] == 0 and s.get_growth_interval() == 2000
