@@ -13,6 +13,7 @@
 #include <torch/serialize/archive.h>
 
 #include <cmath>
+#include <sstream>
 #include <utility>
 
 namespace ampkit {
@@ -160,30 +161,94 @@ void Trainer::save(torch::serialize::OutputArchive& archive) const {
   }
 }
 
+namespace {
+
+// What torch::nn::Module::load would read, checked first: Module::load copies tensor by tensor
+// with set_, so a missing entry throws half-way and a tensor of another shape silently replaces
+// the parameter's shape.
+void check_module_archive(const torch::nn::Module& module, torch::serialize::InputArchive& archive,
+                          const std::string& prefix) {
+  auto check = [&](const std::string& key, const at::Tensor& own, bool is_buffer) {
+    at::Tensor saved;
+    TORCH_CHECK_VALUE(archive.try_read(key, saved, is_buffer), "Trainer.load: expected the model's ",
+                      is_buffer ? "buffer '" : "parameter '", prefix, key, "' in the archive, got none");
+    TORCH_CHECK_VALUE(saved.sizes() == own.sizes(), "Trainer.load: expected the model's ",
+                      is_buffer ? "buffer '" : "parameter '", prefix, key, "' of shape ", own.sizes(), ", got ",
+                      saved.sizes());
+  };
+  for (const auto& p : module.named_parameters(/*recurse=*/false)) check(p.key(), p.value(), false);
+  for (const auto& b : module.named_buffers(/*recurse=*/false)) check(b.key(), b.value(), true);
+  for (const auto& child : module.named_children()) {
+    if (!child.value()->is_serializable()) continue;
+    torch::serialize::InputArchive child_archive;
+    TORCH_CHECK_VALUE(archive.try_read(child.key(), child_archive), "Trainer.load: expected the model's submodule '",
+                      prefix, child.key(), "' in the archive, got none");
+    check_module_archive(*child.value(), child_archive, prefix + child.key() + ".");
+  }
+}
+
+// An in-memory copy of a module's or optimizer's state, to put back if a load fails half-way.
+template <class T>
+std::string snapshot_of(const T& object) {
+  torch::serialize::OutputArchive archive;
+  object.save(archive);
+  std::ostringstream out;
+  archive.save_to(out);
+  return out.str();
+}
+
+template <class T>
+void restore_from(T& object, const std::string& snapshot) {
+  torch::serialize::InputArchive archive;
+  std::istringstream in(snapshot);
+  archive.load_from(in);
+  object.load(archive);
+}
+
+}  // namespace
+
 void Trainer::load(torch::serialize::InputArchive& archive) {
   c10::IValue version, micro, accumulation;
   TORCH_CHECK_VALUE(
       archive.try_read("ampkit_trainer_version", version) && version.isInt() && version.toInt() == kFormatVersion,
       "Trainer.load: expected an archive written by Trainer::save (format ", kFormatVersion, ")");
-  archive.read("micro_steps", micro);
-  archive.read("accumulation_steps", accumulation);
+  TORCH_CHECK_VALUE(archive.try_read("micro_steps", micro) && archive.try_read("accumulation_steps", accumulation) &&
+                        micro.isInt() && accumulation.isInt(),
+                    "Trainer.load: expected integer 'micro_steps' and 'accumulation_steps' in the archive");
   TORCH_CHECK_VALUE(accumulation.toInt() == options_.accumulation_steps(),
                     "Trainer.load: expected an archive saved with accumulation_steps ", options_.accumulation_steps(),
                     ", got ", accumulation.toInt());
-  // Read every part before loading any, so that a missing part changes nothing.
+  TORCH_CHECK_VALUE(micro.toInt() >= 0 && micro.toInt() % options_.accumulation_steps() == 0,
+                    "Trainer.load: expected micro_steps >= 0 and a multiple of accumulation_steps (",
+                    options_.accumulation_steps(), "), got ", micro.toInt());
+  // Read and check every part before loading any.
   torch::serialize::InputArchive m, o, s;
   if (model_ != nullptr) {
     TORCH_CHECK_VALUE(archive.try_read("model", m),
                       "Trainer.load: expected the model's state in the archive (it was saved without a model)");
+    check_module_archive(*model_, m, "");
   }
-  archive.read("optimizer", o);
+  TORCH_CHECK_VALUE(archive.try_read("optimizer", o), "Trainer.load: expected the optimizer's state in the archive");
   const bool has_scaler = archive.try_read("scaler", s);
   TORCH_CHECK_VALUE(has_scaler == scaler_.has_value(), "Trainer.load: expected an archive ",
                     scaler_ ? "with" : "without", " a GradScaler state, as this trainer has ",
                     scaler_ ? "a scaler" : "none", ", got one ", has_scaler ? "with" : "without");
-  optimizer_.load(o);
-  if (model_ != nullptr) model_->load(m);
-  if (scaler_) scaler_->load(s);
+  if (scaler_) GradScaler(scaler_->options()).load(s);  // a throwaway scaler checks the state
+  // A part can still refuse its state (a torch::optim optimizer checks as it loads): put back
+  // what was loaded before it, so that a failed load changes nothing.
+  const std::string optimizer_before = snapshot_of(optimizer_);
+  const std::string model_before = model_ != nullptr ? snapshot_of(*model_) : std::string();
+  const std::optional<GradScalerState> scaler_before = scaler_ ? scaler_->state_dict() : std::nullopt;
+  try {
+    if (model_ != nullptr) model_->load(m);
+    optimizer_.load(o);
+    if (scaler_) scaler_->load(s);
+  } catch (...) {
+    restore_from(optimizer_, optimizer_before);
+    if (model_ != nullptr) restore_from(*model_, model_before);
+    if (scaler_) scaler_->load_state_dict(scaler_before);
+    throw;
+  }
   micro_steps_ = micro.toInt();
 }
 

@@ -169,6 +169,9 @@ class Trainer {
   /// step() that returned stepped().
   void save(torch::serialize::OutputArchive& archive) const;
   /// Reads what save() wrote; a run resumed from it continues bitwise as the uninterrupted one.
+  /// Every part is checked before any is loaded (model keys and shapes, the scaler's state,
+  /// micro_steps); a part that still refuses its state is rolled back with the others, so a failed
+  /// load changes nothing. Archives are TorchScript-format files: load only trusted ones.
   void load(torch::serialize::InputArchive& archive);
   /// save() / load() through a file.
   void save(const std::string& path) const;

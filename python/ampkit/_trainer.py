@@ -7,8 +7,10 @@ ampkit::GradScaler) and the same clipping function (``_C._clip_grad_norm_``).
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -112,8 +114,20 @@ class Trainer:
         if scaler is _DEFAULT:
             # bf16 has fp32's exponent range: nothing underflows, so nothing to scale.
             scaler = GradScaler(device) if (enabled and self._autocast.fast_dtype == torch.float16) else None
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise ValueError(f"Trainer: expected scaler to be an ampkit.GradScaler or torch.amp.GradScaler (or None, "
+                             f"or left out), got {scaler!r}")
         if scaler is not None and not scaler.is_enabled():
             scaler = None
+        if scaler is not None and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            # The scaler unscales such an optimizer's grads itself and refuses fp16 ones; refuse
+            # here, before any step ran a backward.
+            half = [i for i, p in enumerate(params) if p.dtype == torch.float16]
+            if half:
+                raise ValueError(
+                    f"Trainer: expected float32 parameters with a GradScaler and an optimizer that does not handle "
+                    f"the scale itself, got float16 parameters (indices {half[:5]}); keep fp32 master weights "
+                    "(autocast casts them) or use a fused optimizer such as ampkit.optim's")
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
@@ -132,7 +146,13 @@ class Trainer:
 
     def step(self, closure: Callable[[], torch.Tensor]) -> StepStats:
         """One micro-batch; see the class docstring. Raises ValueError, before any backward, if the
-        closure returns something other than a floating-point scalar tensor that requires grad."""
+        closure returns something other than a floating-point scalar tensor that requires grad.
+
+        If the optimizer step of a window raises (unscale_, clipping or ``optimizer.step``), the
+        window is dropped: the grads are zeroed, the scaler forgets the optimizer's stage and
+        ``micro_steps`` goes back to the start of the window, so that the next call starts a clean
+        window; parameters, optimizer state and scale are as the failed call found them, unless
+        ``optimizer.step`` itself failed half-way through its parameters."""
         with self._autocast:
             loss = closure()
         if not isinstance(loss, torch.Tensor):
@@ -152,11 +172,20 @@ class Trainer:
         else:
             scaled = to_backward
         scaled.backward()
-        self.micro_steps += 1
         detached = loss.detach()
-        if self.micro_steps % n != 0:
+        if (self.micro_steps + 1) % n != 0:
+            self.micro_steps += 1
             return StepStats(detached, scale, torch.zeros((), dtype=torch.bool, device=loss.device), None, False)
+        try:
+            skipped, grad_norm = self._optimizer_step(loss.device)
+        except BaseException:
+            self._drop_window()
+            raise
+        self.micro_steps += 1
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
+        return StepStats(detached, scale, skipped, grad_norm, True)
 
+    def _optimizer_step(self, device):
         grad_norm = None
         if self.scaler is not None:
             if self.max_grad_norm is not None:
@@ -169,9 +198,17 @@ class Trainer:
             if self.max_grad_norm is not None:
                 grad_norm = _C._clip_grad_norm_(self._params(), self.max_grad_norm)
             self.optimizer.step()
-            skipped = torch.zeros((), dtype=torch.bool, device=loss.device)
+            skipped = torch.zeros((), dtype=torch.bool, device=device)
+        return skipped, grad_norm
+
+    def _drop_window(self) -> None:
+        # The optimizer step of this window failed after its backward: the grads hold this window's
+        # micro-batches, scaled or already unscaled, and the scaler may have marked the optimizer
+        # unscaled. Back to the start of the window, so that the next step starts clean.
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
-        return StepStats(detached, scale, skipped, grad_norm, True)
+        if self.scaler is not None:
+            self.scaler._per_optimizer_states.pop(id(self.optimizer), None)
+        self.micro_steps -= self.micro_steps % self.accumulation_steps
 
     def _last_step_skipped(self) -> torch.Tensor:
         if hasattr(self.scaler, "last_step_skipped"):
@@ -199,22 +236,87 @@ class Trainer:
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads what ``state_dict`` returned; the resumed run continues bitwise as the
-        uninterrupted one. Raises ValueError, before loading anything, if the parts do not fit
-        this trainer (model / scaler present on one side only, other accumulation_steps)."""
+        uninterrupted one.
+
+        Everything is checked before anything is loaded, and a load that fails anyway (an
+        optimizer or scaler that refuses its part) is rolled back: a failed load leaves the model,
+        the optimizer, the scaler and the counters as they were. Raises TypeError for a state that
+        is not a dict and ValueError for one that does not fit this trainer (model / scaler present
+        on one side only, other accumulation_steps, parameters of other names or shapes, other
+        parameter groups, a bad scaler state or micro_steps)."""
+        self._check_state_dict(state_dict)
+        snapshot = self._snapshot()
+        try:
+            if self.model is not None:
+                self.model.load_state_dict(state_dict["model"])
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state_dict["scaler"])
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        self.micro_steps = int(state_dict["micro_steps"])
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        who = "Trainer.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{who}: expected state_dict to be a dict, got {type(state_dict).__name__}")
         missing = {"model", "optimizer", "scaler", "micro_steps", "accumulation_steps"} - set(state_dict)
         if missing:
-            raise ValueError(f"Trainer.load_state_dict: expected keys {sorted(missing)} in the state dict")
+            raise ValueError(f"{who}: expected keys {sorted(missing)} in the state dict")
         if state_dict["accumulation_steps"] != self.accumulation_steps:
             raise ValueError(
-                f"Trainer.load_state_dict: expected accumulation_steps {self.accumulation_steps}, got "
-                f"{state_dict['accumulation_steps']}")
+                f"{who}: expected accumulation_steps {self.accumulation_steps}, got {state_dict['accumulation_steps']!r}")
+        micro = state_dict["micro_steps"]
+        if isinstance(micro, bool) or not isinstance(micro, numbers.Integral) or micro < 0 \
+                or micro % self.accumulation_steps != 0:
+            raise ValueError(f"{who}: expected micro_steps to be an int >= 0 and a multiple of accumulation_steps "
+                             f"({self.accumulation_steps}), got {micro!r}")
         if (state_dict["model"] is None) != (self.model is None):
-            raise ValueError("Trainer.load_state_dict: expected a model state exactly when the trainer has a model")
+            raise ValueError(f"{who}: expected a model state exactly when the trainer has a model")
         if (state_dict["scaler"] is None) != (self.scaler is None):
-            raise ValueError("Trainer.load_state_dict: expected a scaler state exactly when the trainer has a scaler")
+            raise ValueError(f"{who}: expected a scaler state exactly when the trainer has a scaler")
         if self.model is not None:
-            self.model.load_state_dict(state_dict["model"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state_dict["scaler"])
-        self.micro_steps = int(state_dict["micro_steps"])
+            # torch's Module.load_state_dict copies the tensors that fit before it raises.
+            model_sd, own = state_dict["model"], self.model.state_dict()
+            if not isinstance(model_sd, Mapping):
+                raise TypeError(f"{who}: expected the model state to be a dict, got {type(model_sd).__name__}")
+            if set(model_sd) != set(own):
+                raise ValueError(f"{who}: expected the model state to have this model's keys; missing "
+                                 f"{sorted(set(own) - set(model_sd))}, unexpected {sorted(set(model_sd) - set(own))}")
+            for key, value in own.items():
+                saved = model_sd[key]
+                if not isinstance(saved, torch.Tensor) or saved.shape != value.shape:
+                    got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+                    raise ValueError(f"{who}: expected model entry '{key}' of shape {tuple(value.shape)}, got {got}")
+        opt_sd = state_dict["optimizer"]
+        if not isinstance(opt_sd, Mapping) or not isinstance(opt_sd.get("param_groups"), list):
+            raise ValueError(f"{who}: expected the optimizer state to be a dict with 'param_groups', got "
+                             f"{type(opt_sd).__name__}")
+        groups = self.optimizer.param_groups
+        saved_sizes = [len(g.get("params", ())) for g in opt_sd["param_groups"]]
+        if saved_sizes != [len(g["params"]) for g in groups]:
+            raise ValueError(f"{who}: expected optimizer parameter groups of sizes "
+                             f"{[len(g['params']) for g in groups]}, got {saved_sizes}")
+        if self.scaler is not None and hasattr(self.scaler, "_check_state_dict"):
+            self.scaler._check_state_dict(state_dict["scaler"])
+
+    def _snapshot(self) -> Dict[str, Any]:
+        return {
+            "model": None if self.model is None else {k: v.clone() for k, v in self.model.state_dict().items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+        }
+
+    def _restore(self, snapshot: Dict[str, Any]) -> None:
+        # Each part on its own: a part that fails to restore must not keep the others from it.
+        parts = [(self.optimizer, snapshot["optimizer"])]
+        if self.model is not None:
+            parts.append((self.model, snapshot["model"]))
+        if self.scaler is not None and snapshot["scaler"]:
+            parts.append((self.scaler, snapshot["scaler"]))
+        for owner, state in parts:
+            try:
+                owner.load_state_dict(state)
+            except Exception:  # the original error is what the caller needs to see
+                pass

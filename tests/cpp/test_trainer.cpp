@@ -1,6 +1,8 @@
 #include "test_helpers.h"
 
+#include <cmath>
 #include <cstdio>
+#include <sstream>
 #include <limits>
 
 using ampkit_test::bitwise_equal;
@@ -269,4 +271,123 @@ TEST_CASE("Trainer misuse gets clear errors", "[trainer]") {
   CHECK(trainer.micro_steps() == 0);
   for (const auto& p : m->parameters()) CHECK(!p.grad().defined());
   CHECK(!ampkit::is_autocast_enabled(c10::kCPU));  // the guard was left on the throw
+}
+
+namespace {
+
+// Everything a load could change, in a comparable form.
+struct TrainerSnapshot {
+  std::vector<at::Tensor> params;
+  std::string optimizer;
+  std::optional<ampkit::GradScalerState> scaler;
+  int64_t micro_steps;
+};
+
+TrainerSnapshot snapshot(torch::nn::Module& m, torch::optim::Optimizer& o, ampkit::Trainer& t) {
+  TrainerSnapshot s;
+  for (const auto& p : m.parameters()) s.params.push_back(p.detach().clone());
+  torch::serialize::OutputArchive archive;
+  o.save(archive);
+  std::ostringstream out;
+  archive.save_to(out);
+  s.optimizer = out.str();
+  s.scaler = t.scaler() ? t.scaler()->state_dict() : std::nullopt;
+  s.micro_steps = t.micro_steps();
+  return s;
+}
+
+bool same(const TrainerSnapshot& a, const TrainerSnapshot& b) {
+  if (a.params.size() != b.params.size() || a.optimizer != b.optimizer || a.scaler != b.scaler ||
+      a.micro_steps != b.micro_steps) {
+    return false;
+  }
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    if (!bitwise_equal(a.params[i], b.params[i])) return false;
+  }
+  return true;
+}
+
+// An archive as Trainer::save writes it, with parts replaced to test the checks.
+struct ArchiveParts {
+  int64_t micro_steps = 4;
+  double scale = 256.0;
+};
+
+torch::serialize::OutputArchive trainer_archive(torch::nn::Module& m, torch::optim::Optimizer& o,
+                                                const ArchiveParts& parts) {
+  torch::serialize::OutputArchive archive;
+  archive.write("ampkit_trainer_version", c10::IValue(int64_t{1}));
+  archive.write("micro_steps", c10::IValue(parts.micro_steps));
+  archive.write("accumulation_steps", c10::IValue(int64_t{2}));
+  torch::serialize::OutputArchive model(archive.compilation_unit()), opt(archive.compilation_unit()),
+      scaler(archive.compilation_unit());
+  m.save(model);
+  o.save(opt);
+  ampkit::GradScaler source(ampkit::GradScalerOptions().init_scale(256));
+  source.save(scaler);
+  if (parts.scale != 256.0) {  // overwrite the scale entry
+    scaler.write("scale", parts.scale);
+  }
+  archive.write("model", model);
+  archive.write("optimizer", opt);
+  archive.write("scaler", scaler);
+  return archive;
+}
+
+torch::serialize::InputArchive reread(torch::serialize::OutputArchive& out) {
+  std::ostringstream bytes;
+  out.save_to(bytes);
+  std::istringstream in(bytes.str());
+  torch::serialize::InputArchive archive;
+  archive.load_from(in);
+  return archive;
+}
+
+}  // namespace
+
+TEST_CASE("a failed Trainer::load changes nothing", "[trainer]") {
+  const auto data = make_data(4);
+  const auto opts = ampkit::TrainerOptions(c10::kCPU).dtype(at::kHalf).accumulation_steps(2);
+  auto src = make_model(1);
+  ao::AdamW src_opt(src->parameters(), ao::AdamWOptions(1e-2));
+  ampkit::Trainer src_t(*src, src_opt, opts);
+  for (const auto& [x, y] : data) src_t.step([&] { return loss_of(src, x, y); });
+
+  auto m = make_model(2);
+  ao::AdamW opt(m->parameters(), ao::AdamWOptions(1e-3));
+  ampkit::Trainer t(*m, opt, opts);
+  for (int i = 0; i < 2; ++i) t.step([&] { return loss_of(m, data[i].first, data[i].second); });
+  const auto before = snapshot(*m, opt, t);
+
+  SECTION("a NaN scale") {
+    auto out = trainer_archive(*src, src_opt, ArchiveParts{4, std::nan("")});
+    auto in = reread(out);
+    CHECK_THAT(error_of([&] { t.load(in); }), Catch::Contains("expected 'scale' to be > 0 and finite in float32"));
+  }
+  SECTION("micro_steps inside an accumulation window, or negative") {
+    for (int64_t bad : {3, -2}) {
+      auto out = trainer_archive(*src, src_opt, ArchiveParts{bad, 256.0});
+      auto in = reread(out);
+      CHECK_THAT(error_of([&] { t.load(in); }),
+                 Catch::Contains("expected micro_steps >= 0 and a multiple of accumulation_steps (2), got"));
+    }
+  }
+  SECTION("a model of another shape (torch's Module::load would take the saved shape)") {
+    auto wide = torch::nn::Sequential(torch::nn::Linear(8, 32), torch::nn::ReLU(), torch::nn::Linear(32, 2));
+    ao::AdamW wide_opt(wide->parameters(), ao::AdamWOptions(1e-2));
+    auto out = trainer_archive(*wide, wide_opt, ArchiveParts{});
+    auto in = reread(out);
+    CHECK_THAT(error_of([&] { t.load(in); }),
+               Catch::Contains("expected the model's parameter '0.weight' of shape [16, 8], got [32, 8]"));
+  }
+  SECTION("an optimizer that refuses its part after the model was loaded: the model is put back") {
+    torch::optim::SGD sgd(m->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    ampkit::Trainer t_sgd(*m, sgd, opts);
+    const auto sgd_before = snapshot(*m, sgd, t_sgd);
+    auto out = trainer_archive(*src, src_opt, ArchiveParts{});  // AdamW's state: SGD cannot read it
+    auto in = reread(out);
+    CHECK_THROWS(t_sgd.load(in));
+    CHECK(same(snapshot(*m, sgd, t_sgd), sgd_before));
+  }
+  CHECK(same(snapshot(*m, opt, t), before));
 }

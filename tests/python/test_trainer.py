@@ -174,7 +174,7 @@ def test_resume_is_bitwise(make_opt, tmp_path):
     path = tmp_path / "trainer.pt"
     torch.save(t_a.state_dict(), path)
     m_b, t_b = make(seed=123)  # different init: everything must come from the checkpoint
-    t_b.load_state_dict(torch.load(path, weights_only=False))
+    t_b.load_state_dict(torch.load(path, weights_only=True))  # plain data: no pickled objects
     assert t_b.micro_steps == 4
     run(m_b, t_b, data[4:])
     assert _same(m_full, m_b)
@@ -236,3 +236,137 @@ def test_cuda_trainer_step_has_no_host_sync(dtype):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert stats.stepped and not bool(stats.skipped)
+
+
+# ------------------------------------------------------------------ failed calls change nothing
+
+
+def _trainer_with_state(accum=2):
+    m = _model()
+    opt = ao.AdamW(m.parameters(), lr=1e-2)
+    scaler = ampkit.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    t = ampkit.Trainer(m, opt, device_type="cpu", dtype=torch.float16, scaler=scaler, accumulation_steps=accum)
+    for x, y in _data(2 * accum):
+        t.step(lambda: F.mse_loss(m(x).float(), y))
+    return m, t
+
+
+def _everything(m, t):
+    return ({k: v.clone() for k, v in m.state_dict().items()}, copy.deepcopy(t.optimizer.state_dict()),
+            t.scaler.state_dict(), t.micro_steps)
+
+
+def _assert_same_everything(a, b):
+    (ma, oa, sa, ua), (mb, ob, sb, ub) = a, b
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert oa["param_groups"] == ob["param_groups"]
+    for i in oa["state"]:
+        assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) for k in oa["state"][i])
+    assert sa == sb and ua == ub
+
+
+def _corrupt(sd, what):
+    sd = copy.deepcopy(sd)
+    if what == "nan scale":
+        sd["scaler"]["scale"] = float("nan")
+    elif what == "huge growth tracker":
+        sd["scaler"]["_growth_tracker"] = 2**70
+    elif what == "wrong-shape weight":
+        sd["model"]["2.weight"] = torch.zeros(3, 16)  # torch's load copies the fitting tensors, then raises
+    elif what == "missing weight":
+        del sd["model"]["0.bias"]
+    elif what == "extra group":
+        sd["optimizer"]["param_groups"].append(dict(sd["optimizer"]["param_groups"][0], params=[99]))
+    elif what == "negative micro_steps":
+        sd["micro_steps"] = -2
+    elif what == "micro_steps inside a window":
+        sd["micro_steps"] = 3
+    elif what == "micro_steps not an int":
+        sd["micro_steps"] = "4"
+    elif what == "no scaler":
+        sd["scaler"] = None
+    elif what == "a list":
+        sd = list(sd.items())
+    return sd
+
+
+CORRUPTIONS = ["nan scale", "huge growth tracker", "wrong-shape weight", "missing weight", "extra group",
+               "negative micro_steps", "micro_steps inside a window", "micro_steps not an int", "no scaler", "a list"]
+
+
+@pytest.mark.parametrize("what", CORRUPTIONS)
+def test_a_failed_load_changes_nothing(what):
+    m_src, t_src = _trainer_with_state()
+    m, t = _trainer_with_state()
+    for x, y in _data(2, seed=7):  # make the target differ from the source
+        t.step(lambda: F.mse_loss(m(x).float(), y))
+    before = _everything(m, t)
+    with pytest.raises((ValueError, TypeError)) as info:
+        t.load_state_dict(_corrupt(t_src.state_dict(), what))
+    assert "expected" in str(info.value)  # the message says what was expected
+    _assert_same_everything(_everything(m, t), before)
+
+
+class _RefusingAdamW(ao.AdamW):
+    """An optimizer whose load fails after it changed its state (the part a check cannot foresee)."""
+
+    refuse = True
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.refuse:
+            self.refuse = False
+            raise RuntimeError("refused")
+
+
+def test_a_load_that_fails_late_is_rolled_back():
+    m_src, t_src = _trainer_with_state()
+    m = _model(5)
+    t = ampkit.Trainer(m, _RefusingAdamW(m.parameters(), lr=1e-2), device_type="cpu", dtype=torch.float16,
+                       scaler=ampkit.GradScaler("cpu", init_scale=4.0), accumulation_steps=2)
+    for x, y in _data(2, seed=3):
+        t.step(lambda: F.mse_loss(m(x).float(), y))
+    before = _everything(m, t)
+    with pytest.raises(RuntimeError, match="refused"):
+        t.load_state_dict(t_src.state_dict())
+    _assert_same_everything(_everything(m, t), before)
+
+
+def test_bad_scaler_and_fp16_params_are_refused_before_any_step():
+    m = _model()
+    with pytest.raises(ValueError, match="expected scaler to be an ampkit.GradScaler or torch.amp.GradScaler .* got 'yes'"):
+        ampkit.Trainer(m, ao.AdamW(m.parameters()), device_type="cpu", scaler="yes")
+    half = _model().half()
+    with pytest.raises(ValueError, match="got float16 parameters"):
+        ampkit.Trainer(half, torch.optim.SGD(half.parameters(), lr=0.1), device_type="cpu", dtype=torch.float16)
+    assert all(p.grad is None for p in half.parameters())
+
+
+class _FailingOnceSGD(torch.optim.SGD):
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.fail = True
+
+    def step(self, closure=None):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("step failed")
+        return super().step(closure)
+
+
+def test_a_failing_optimizer_step_drops_its_window_and_the_next_one_is_clean():
+    m, m_ref = _model(), _model()
+    t = ampkit.Trainer(m, _FailingOnceSGD(m.parameters()), device_type="cpu", dtype=torch.float16,
+                       scaler=ampkit.GradScaler("cpu", init_scale=2.0**8), accumulation_steps=2)
+    ref = ampkit.Trainer(m_ref, torch.optim.SGD(m_ref.parameters(), lr=0.1), device_type="cpu", dtype=torch.float16,
+                         scaler=ampkit.GradScaler("cpu", init_scale=2.0**8), accumulation_steps=2)
+    data = _data(4)
+    t.step(lambda: F.mse_loss(m(data[0][0]).float(), data[0][1]))
+    with pytest.raises(RuntimeError, match="step failed"):
+        t.step(lambda: F.mse_loss(m(data[1][0]).float(), data[1][1]))
+    assert t.micro_steps == 0 and all(p.grad is None for p in m.parameters())
+    assert id(t.optimizer) not in t.scaler._per_optimizer_states
+    for x, y in data[2:]:  # the next window runs as on a fresh trainer
+        t.step(lambda: F.mse_loss(m(x).float(), y))
+        ref.step(lambda: F.mse_loss(m_ref(x).float(), y))
+    assert _same(m, m_ref) and t.micro_steps == 2
