@@ -57,8 +57,14 @@ class autocast(_TorchAutocast):
         enabled: bool = True,
         cache_enabled: Optional[bool] = None,
     ):
+        # The messages carry torch's own wording too, for code that matches it.
         if not isinstance(device_type, str):
-            raise ValueError(f"ampkit.autocast: expected device_type of type str, got {type(device_type).__name__}")
+            raise ValueError(f"ampkit.autocast: Expected `device_type` of type `str`, got: `{type(device_type)}`")
+        try:
+            torch.device(device_type)
+        except RuntimeError as e:
+            raise RuntimeError(f"ampkit.autocast: expected device_type to be a device type string such as 'cpu' or "
+                               f"'cuda', got {device_type!r} ({e})") from None
         _C.check_autocast_device(device_type)
         # torch raises these TypeErrors only when the region is entered, from deep inside.
         if dtype is not None and not isinstance(dtype, torch.dtype):

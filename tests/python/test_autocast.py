@@ -323,8 +323,9 @@ def test_arguments_behave_as_in_torch(kwargs):
     "kwargs,error,message",
     [
         (dict(device_type="meta"), RuntimeError, "expected a device type that torch's autocast supports (cpu, cuda, xpu"),
-        (dict(device_type="nonsense"), RuntimeError, "expected device_type to be a device type string such as 'cpu'"),
-        (dict(device_type=0), ValueError, "expected device_type of type str, got int"),
+        (dict(device_type="nonsense"), RuntimeError,
+         "expected device_type to be a device type string such as 'cpu' or 'cuda', got 'nonsense' (Expected one of"),
+        (dict(device_type=0), ValueError, "ampkit.autocast: Expected `device_type` of type `str`, got: `<class 'int'>`"),
         (dict(device_type="cpu", dtype="bf16"), TypeError, "expected dtype to be a torch.dtype or None, got 'bf16'"),
         (dict(device_type="cpu", enabled=1), TypeError, "expected enabled to be a bool, got 1"),
         (dict(device_type="cpu", cache_enabled="yes"), TypeError, "expected cache_enabled to be a bool or None, got 'yes'"),
