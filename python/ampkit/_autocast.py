@@ -9,6 +9,14 @@ from . import _C
 from ._cast_policy import _sync_compiled_code
 
 
+def _not_traced(fn):
+    """Marks fn as torch.compiler.disable'd functions are marked, without importing Dynamo (which
+    ``torch.compiler.disable`` would, at a second of import time): Dynamo does not trace into it
+    and calls it as it is (a graph break)."""
+    fn._torchdynamo_disable = True
+    return fn
+
+
 # torch.compile turns a torch.amp.autocast object met in a compiled frame into torch's own region
 # (torch's lists, ampkit's table ignored) except for instances of torch's _UnmanagedAutocast
 # subclass, which it treats as user objects: ampkit's regions then run eagerly (a graph break)
@@ -49,7 +57,7 @@ class autocast(_TorchAutocast):
 
     # torch.compile cannot trace into ampkit's C++ regions: a function compiled with an ampkit
     # region inside runs that region eagerly (a graph break), which keeps the table's semantics.
-    @torch.compiler.disable
+    @_not_traced
     def __init__(
         self,
         device_type: str,
@@ -78,7 +86,7 @@ class autocast(_TorchAutocast):
         # or run on several threads at once, and a generator may be finished on another thread.
         self._regions: List[Tuple[int, Any]] = []
 
-    @torch.compiler.disable
+    @_not_traced
     def __enter__(self) -> "autocast":
         _sync_compiled_code()
         region = _C._AutocastRegion(self.device, self.fast_dtype, self._enabled, self._cache_enabled)
@@ -86,7 +94,7 @@ class autocast(_TorchAutocast):
         self._regions.append((threading.get_ident(), region))
         return self
 
-    @torch.compiler.disable
+    @_not_traced
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
         # The region this `with` entered: the latest of this thread, or (a generator or coroutine
         # finished on another thread) the latest of any thread, which the core refuses to leave
