@@ -183,15 +183,16 @@ constexpr const char* kBinaryCrossEntropyAdvice =
 
 void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                          torch::jit::Stack* stack) {
-  const c10::DispatchKeySet excluded = c10::impl::tls_local_dispatch_key_set().excluded_;
-  // Casts and the op's own decomposition must reach neither this kernel nor torch's.
-  c10::impl::ExcludeDispatchKeyGuard no_reentry(kKernelExcludedKeys);
   const OpSignature* sig = e.signature.load(std::memory_order_acquire);
   // No signature: the operator's schema changed since the entry was built (see OpEntry).
   if (sig == nullptr || sig->kinds.size() > stack->size()) return redispatch(op, keys, stack);
-  const int d = call_device(*sig, stack, excluded);
+  const int d = call_device(*sig, stack, c10::impl::tls_local_dispatch_key_set().excluded_);
   const std::int8_t raw = d < 0 ? kNoPolicy : e.policy[d].load(std::memory_order_acquire);
+  // No policy for this call (an op of the other device type's table, say): run it as if it had no
+  // kernel here. Its decomposition, if any, is autocast op by op, as under torch.autocast.
   if (raw == kNoPolicy) return redispatch(op, keys, stack);
+  // Casts and the op's own decomposition must reach neither this kernel nor torch's.
+  c10::impl::ExcludeDispatchKeyGuard no_reentry(kKernelExcludedKeys);
 
   const c10::DeviceType device_type = policy_device_type(d);
   const CallState state{device_type, at::autocast::get_autocast_dtype(device_type),
