@@ -33,7 +33,7 @@ asan() {
   ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1:detect_stack_use_after_return=1" \
   LSAN_OPTIONS="suppressions=$SUPP/lsan.supp:print_suppressions=0" \
   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-    ./build-asan/tests/cpp/ampkit_tests
+    ./build-asan/tests/cpp/ampkit_tests "~[cuda]"
 }
 
 tsan() {

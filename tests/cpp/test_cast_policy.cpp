@@ -148,6 +148,19 @@ TEST_CASE("policies that fit: dtype overloads are found", "[cast_policy]") {
   ampkit::set_policy(c10::kCPU, "aten::softmax.int", CastPolicy::fp32_set_opt_dtype);
   CHECK(ampkit::get_policy(c10::kCPU, "aten::norm.Scalar") == CastPolicy::fp32_append_dtype);
   CHECK(ampkit::get_policy(c10::kCPU, "aten::sum") == CastPolicy::fp32_set_opt_dtype);
+  // Which overload was found shows in what runs: each call equals its dtype overload, by hand.
+  const auto x = torch::randn({4, 5}).to(at::kBFloat16);
+  at::Tensor scalar, dim, sum;
+  {
+    ampkit::AutocastGuard g(c10::kCPU);
+    scalar = at::norm(x, 2);                                     // norm.Scalar -> norm.ScalarOpt_dtype
+    dim = at::norm(x, std::optional<at::Scalar>(3), {1}, true);  // norm.ScalarOpt_dim -> .ScalarOpt_dim_dtype
+    sum = at::sum(x);                                            // sum: dtype filled with float32
+  }
+  CHECK(bitwise_equal(scalar, at::norm(x, std::optional<at::Scalar>(2), at::kFloat)));
+  CHECK(bitwise_equal(dim, at::norm(x, std::optional<at::Scalar>(3), {1}, true, at::kFloat)));
+  CHECK(bitwise_equal(sum, at::sum(x, at::kFloat)));
+  CHECK(scalar.scalar_type() == at::kFloat);
 }
 
 namespace {
