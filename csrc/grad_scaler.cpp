@@ -1,5 +1,7 @@
 #include <ampkit/grad_scaler.h>
 
+#include "grad_scaler_detail.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/optim/optimizer.h>

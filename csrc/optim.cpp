@@ -1,5 +1,7 @@
 #include <ampkit/optim.h>
 
+#include "optim_detail.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>

@@ -4,6 +4,7 @@
 #include <ampkit/optim.h>
 
 #include "autocast_region.h"
+#include "trainer_detail.h"
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>

@@ -2,6 +2,8 @@
 
 #include <ampkit/grad_scaler.h>
 
+#include "grad_scaler_detail.h"
+
 #include <pybind11/stl.h>
 
 #include <string>

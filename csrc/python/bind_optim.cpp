@@ -2,6 +2,8 @@
 
 #include <ampkit/optim.h>
 
+#include "optim_detail.h"
+
 #include <pybind11/stl.h>
 
 #include <optional>

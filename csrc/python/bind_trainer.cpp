@@ -2,6 +2,8 @@
 
 #include <ampkit/trainer.h>
 
+#include "trainer_detail.h"
+
 #include <pybind11/stl.h>
 
 #include <vector>

@@ -189,13 +189,4 @@ class Trainer {
 torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive, const Trainer& trainer);
 torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archive, Trainer& trainer);
 
-namespace detail {
-/// torch.nn.utils.clip_grad_norm_(params, max_norm) without a sync: the total 2-norm of the
-/// grads from per-(device, dtype) _foreach_norm results, clip coefficient
-/// max_norm / (norm + 1e-6) clamped to 1, grads multiplied in place. Returns the total norm
-/// (0-dim, on the first grad's device; a 0 on CPU when no param has a grad). Shared with
-/// ampkit.Trainer in Python.
-at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm);
-}  // namespace detail
-
 }  // namespace ampkit

@@ -1,5 +1,7 @@
 #include "test_helpers.h"
 
+#include "grad_scaler_detail.h"
+
 #include <torch/serialize.h>
 
 #include <cfloat>

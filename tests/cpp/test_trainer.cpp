@@ -1,5 +1,7 @@
 #include "test_helpers.h"
 
+#include "trainer_detail.h"
+
 #include <cmath>
 #include <cstdio>
 #include <sstream>
