@@ -32,5 +32,6 @@ void bind_autocast(py::module_& m);
 void bind_grad_scaler(py::module_& m);
 void bind_optim(py::module_& m);
 void bind_trainer(py::module_& m);
+void bind_testing(py::module_& m);
 
 }  // namespace ampkit::python

@@ -42,4 +42,5 @@ PYBIND11_MODULE(_C, m) {
   ampkit::python::bind_grad_scaler(m);
   ampkit::python::bind_optim(m);
   ampkit::python::bind_trainer(m);
+  ampkit::python::bind_testing(m);
 }
