@@ -19,17 +19,6 @@ namespace ampkit {
 namespace detail {
 namespace {
 
-// torch's own autocast keys for the device types ampkit has tables for. While ampkit's kernel
-// handles an op they are masked (and excluded for the ops the kernel calls), so that torch's
-// kernels never cast a second time; torch's "enabled" bits stay as they are, so torch and user
-// code that read them see the region (DESIGN.md §6).
-const c10::DispatchKeySet kTorchAutocastKeys{c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA};
-const c10::DispatchKeySet kKernelExcludedKeys = kTorchAutocastKeys | c10::DispatchKeySet(kAutocastKey);
-
-c10::DispatchKey torch_autocast_key(int device) {
-  return device == 0 ? c10::DispatchKey::AutocastCPU : c10::DispatchKey::AutocastCUDA;
-}
-
 // The weak reference keeps the source TensorImpl allocated, so its address (the key)
 // cannot be reused by another tensor while the entry lives.
 struct CacheEntry {
@@ -49,12 +38,7 @@ thread_local ThreadState tls;
 // regions of theirs only when it changed.
 std::atomic<std::uint64_t> abandonments{0};
 
-// What a call sees of the thread's autocast state, read once per call (torch's TLS).
-struct CallState {
-  c10::DeviceType device_type;
-  c10::ScalarType dtype;  // the region's lower-precision dtype on that device type
-  bool cache_enabled;
-};
+}  // namespace
 
 bool eligible(const at::Tensor& t, c10::DeviceType device_type) {
   return t.defined() && t.device().type() == device_type && t.is_floating_point() && t.scalar_type() != at::kDouble;
@@ -84,6 +68,13 @@ at::Tensor cast(const at::Tensor& t, c10::ScalarType to, const CallState& state)
       CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), casted});
   return casted;
 }
+
+std::string promote_mix_error(const std::string& op, c10::ScalarType lower, c10::ScalarType got) {
+  return c10::str("ampkit: policy promote of '", op, "' expects floating inputs of ", dtype_name(lower),
+                  " or torch.float32 under autocast with ", dtype_name(lower), ", got ", dtype_name(got));
+}
+
+namespace {
 
 void cast_arguments(const OpSignature& sig, torch::jit::Stack* stack, c10::ScalarType to, const CallState& state) {
   const size_t n = sig.kinds.size();
@@ -124,9 +115,7 @@ c10::ScalarType promote_type(const OpEntry& e, const OpSignature& sig, const tor
     if (current == at::kFloat || next == at::kFloat) {
       current = at::kFloat;
     } else {
-      TORCH_CHECK(current == lower && next == lower, "ampkit: policy promote of '", e.name, "' expects floating ",
-                  "inputs of ", dtype_name(lower), " or torch.float32 under autocast with ", dtype_name(lower),
-                  ", got ", dtype_name(next));
+      TORCH_CHECK(current == lower && next == lower, promote_mix_error(e.name, lower, next));
     }
   };
   const size_t n = sig.kinds.size();
@@ -169,17 +158,16 @@ int call_device(const OpSignature& sig, const torch::jit::Stack* stack, c10::Dis
 }
 
 void redispatch(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  op.redispatchBoxed((keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kAutocastKey)) - kTorchAutocastKeys,
-                     stack);
+  op.redispatchBoxed(after_autocast(keys), stack);
 }
 
-constexpr const char* kBinaryCrossEntropyAdvice =
+}  // namespace
+
+const char* const kBinaryCrossEntropyAdvice =
     "torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast: many models use a "
     "sigmoid layer right before the binary cross entropy layer; combine the two with "
     "torch.nn.functional.binary_cross_entropy_with_logits or torch.nn.BCEWithLogitsLoss, which are safe to "
     "autocast.";
-
-}  // namespace
 
 void run_autocast_kernel(const OpEntry& e, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                          torch::jit::Stack* stack) {

@@ -4,10 +4,12 @@
 
 #include <ampkit/cast_policy.h>
 
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <c10/core/DispatchKey.h>
 #include <c10/core/ScalarType.h>
+#include <torch/library.h>
 
 #include <array>
 #include <atomic>
@@ -61,6 +63,44 @@ struct OpEntry {
   std::array<std::atomic<std::int8_t>, kNumPolicyDevices> policy;
   std::atomic<const OpSignature*> signature;
 };
+
+// torch's own autocast keys for the device types ampkit has tables for. While ampkit's kernel
+// handles an op they are masked (and excluded for the ops the kernel calls), so that torch's
+// kernels never cast a second time; torch's "enabled" bits stay as they are, so torch and user
+// code that read them see the region (DESIGN.md §6).
+inline const c10::DispatchKeySet kTorchAutocastKeys{c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA};
+inline const c10::DispatchKeySet kKernelExcludedKeys = kTorchAutocastKeys | c10::DispatchKeySet(kAutocastKey);
+
+inline c10::DispatchKey torch_autocast_key(int device) {
+  return device == 0 ? c10::DispatchKey::AutocastCPU : c10::DispatchKey::AutocastCUDA;
+}
+
+// The keys a kernel redispatches with: those below ampkit's, without torch's autocast keys.
+inline c10::DispatchKeySet after_autocast(c10::DispatchKeySet keys) {
+  return (keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kAutocastKey)) - kTorchAutocastKeys;
+}
+
+// What a call sees of the thread's autocast state, read once per call (torch's TLS).
+struct CallState {
+  c10::DeviceType device_type;
+  c10::ScalarType dtype;  // the region's lower-precision dtype on that device type
+  bool cache_enabled;
+};
+
+// A defined floating tensor other than float64 on \p device_type: what autocast casts.
+bool eligible(const at::Tensor& t, c10::DeviceType device_type);
+
+// \p t cast to \p to if eligible, through this thread's weight cache (autocast.cpp).
+at::Tensor cast(const at::Tensor& t, c10::ScalarType to, const CallState& state);
+
+// The message of the error promote raises for fp16 mixed with bf16.
+std::string promote_mix_error(const std::string& op, c10::ScalarType lower, c10::ScalarType got);
+
+extern const char* const kBinaryCrossEntropyAdvice;
+
+// An unboxed kernel for \p entry's operator if it is one of the default tables' (compiled in,
+// autocast_unboxed.cpp), else nullopt: the boxed kernel serves it.
+std::optional<torch::CppFunction> unboxed_kernel_for(const OpEntry& entry);
 
 // Registers the fallthrough fallback and the default tables on first use; throws if another
 // library (a PrivateUse1 backend) already owns the key.

@@ -1,6 +1,7 @@
 #include <ampkit/cast_policy.h>
 
 #include "autocast_kernel.h"
+#include "autocast_lists.h"
 
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
@@ -33,138 +34,6 @@ std::string dtype_name(c10::ScalarType dtype) {
 }
 
 namespace {
-
-// torch's AutocastCPU list (aten/src/ATen/autocast_mode.cpp); the CPU list is not in the
-// installed headers. tests check it against the AutocastCPU kernels of the running torch.
-const std::pair<const char*, CastPolicy> kCpuDefaults[] = {
-    {"conv1d", CastPolicy::lower_precision_fp},
-    {"conv1d.padding", CastPolicy::lower_precision_fp},
-    {"conv2d", CastPolicy::lower_precision_fp},
-    {"conv2d.padding", CastPolicy::lower_precision_fp},
-    {"conv3d", CastPolicy::lower_precision_fp},
-    {"conv3d.padding", CastPolicy::lower_precision_fp},
-    {"bmm", CastPolicy::lower_precision_fp},
-    {"mm", CastPolicy::lower_precision_fp},
-    {"linalg_vecdot", CastPolicy::lower_precision_fp},
-    {"baddbmm", CastPolicy::lower_precision_fp},
-    {"addmm", CastPolicy::lower_precision_fp},
-    {"_addmm_activation", CastPolicy::lower_precision_fp},
-    {"addbmm", CastPolicy::lower_precision_fp},
-    {"linear", CastPolicy::lower_precision_fp},
-    {"_convolution.deprecated", CastPolicy::lower_precision_fp},
-    {"matmul", CastPolicy::lower_precision_fp},
-    {"conv_tbc", CastPolicy::lower_precision_fp},
-    {"mkldnn_rnn_layer", CastPolicy::lower_precision_fp},
-    {"conv_transpose1d", CastPolicy::lower_precision_fp},
-    {"conv_transpose2d.input", CastPolicy::lower_precision_fp},
-    {"conv_transpose3d.input", CastPolicy::lower_precision_fp},
-    {"prelu", CastPolicy::lower_precision_fp},
-    {"scaled_dot_product_attention", CastPolicy::lower_precision_fp},
-    {"_native_multi_head_attention", CastPolicy::lower_precision_fp},
-    {"avg_pool3d", CastPolicy::fp32},
-    {"binary_cross_entropy", CastPolicy::fp32},
-    {"grid_sampler", CastPolicy::fp32},
-    {"polar", CastPolicy::fp32},
-    {"prod", CastPolicy::fp32},
-    {"prod.dim_int", CastPolicy::fp32},
-    {"quantile", CastPolicy::fp32},
-    {"quantile.scalar", CastPolicy::fp32},
-    {"nanquantile", CastPolicy::fp32},
-    {"nanquantile.scalar", CastPolicy::fp32},
-    {"stft", CastPolicy::fp32},
-    {"stft.center", CastPolicy::fp32},
-    {"cdist", CastPolicy::fp32},
-    {"grid_sampler_2d", CastPolicy::fp32},
-    {"_grid_sampler_2d_cpu_fallback", CastPolicy::fp32},
-    {"grid_sampler_3d", CastPolicy::fp32},
-    {"trace", CastPolicy::fp32},
-    {"view_as_complex", CastPolicy::fp32},
-    {"cholesky", CastPolicy::fp32},
-    {"cholesky_inverse", CastPolicy::fp32},
-    {"cholesky_solve", CastPolicy::fp32},
-    {"inverse", CastPolicy::fp32},
-    {"lu_solve", CastPolicy::fp32},
-    {"orgqr", CastPolicy::fp32},
-    {"ormqr", CastPolicy::fp32},
-    {"pinverse", CastPolicy::fp32},
-    {"max_pool3d", CastPolicy::fp32},
-    {"max_unpool2d", CastPolicy::fp32},
-    {"max_unpool3d", CastPolicy::fp32},
-    {"adaptive_avg_pool3d", CastPolicy::fp32},
-    {"reflection_pad1d", CastPolicy::fp32},
-    {"reflection_pad2d", CastPolicy::fp32},
-    {"replication_pad1d", CastPolicy::fp32},
-    {"replication_pad2d", CastPolicy::fp32},
-    {"replication_pad3d", CastPolicy::fp32},
-    {"mse_loss", CastPolicy::fp32},
-    {"cosine_embedding_loss", CastPolicy::fp32},
-    {"nll_loss", CastPolicy::fp32},
-    {"nll_loss2d", CastPolicy::fp32},
-    {"hinge_embedding_loss", CastPolicy::fp32},
-    {"poisson_nll_loss", CastPolicy::fp32},
-    {"smooth_l1_loss", CastPolicy::fp32},
-    {"cross_entropy_loss", CastPolicy::fp32},
-    {"l1_loss", CastPolicy::fp32},
-    {"huber_loss", CastPolicy::fp32},
-    {"margin_ranking_loss", CastPolicy::fp32},
-    {"soft_margin_loss", CastPolicy::fp32},
-    {"triplet_margin_loss", CastPolicy::fp32},
-    {"multi_margin_loss", CastPolicy::fp32},
-    {"ctc_loss.IntList", CastPolicy::fp32},
-    {"ctc_loss.Tensor", CastPolicy::fp32},
-    {"kl_div", CastPolicy::fp32},
-    {"multilabel_margin_loss", CastPolicy::fp32},
-    {"binary_cross_entropy_with_logits", CastPolicy::fp32},
-    {"fft_fft", CastPolicy::fp32},
-    {"fft_ifft", CastPolicy::fp32},
-    {"fft_fft2", CastPolicy::fp32},
-    {"fft_ifft2", CastPolicy::fp32},
-    {"fft_fftn", CastPolicy::fp32},
-    {"fft_ifftn", CastPolicy::fp32},
-    {"fft_rfft", CastPolicy::fp32},
-    {"fft_irfft", CastPolicy::fp32},
-    {"fft_rfft2", CastPolicy::fp32},
-    {"fft_irfft2", CastPolicy::fp32},
-    {"fft_rfftn", CastPolicy::fp32},
-    {"fft_irfftn", CastPolicy::fp32},
-    {"fft_hfft", CastPolicy::fp32},
-    {"fft_ihfft", CastPolicy::fp32},
-    {"linalg_cond", CastPolicy::fp32},
-    {"linalg_cond.p_str", CastPolicy::fp32},
-    {"linalg_matrix_rank", CastPolicy::fp32},
-    {"linalg_matrix_rank.tol_tensor", CastPolicy::fp32},
-    {"linalg_matrix_rank.atol_rtol_tensor", CastPolicy::fp32},
-    {"linalg_matrix_rank.atol_rtol_float", CastPolicy::fp32},
-    {"linalg_solve", CastPolicy::fp32},
-    {"linalg_cholesky", CastPolicy::fp32},
-    {"linalg_svdvals", CastPolicy::fp32},
-    {"linalg_eigvals", CastPolicy::fp32},
-    {"linalg_eigvalsh", CastPolicy::fp32},
-    {"linalg_inv", CastPolicy::fp32},
-    {"linalg_householder_product", CastPolicy::fp32},
-    {"linalg_tensorinv", CastPolicy::fp32},
-    {"linalg_tensorsolve", CastPolicy::fp32},
-    {"fake_quantize_per_tensor_affine", CastPolicy::fp32},
-    {"geqrf", CastPolicy::fp32},
-    {"_lu_with_info", CastPolicy::fp32},
-    {"qr", CastPolicy::fp32},
-    {"svd", CastPolicy::fp32},
-    {"triangular_solve", CastPolicy::fp32},
-    {"fractional_max_pool2d", CastPolicy::fp32},
-    {"fractional_max_pool3d", CastPolicy::fp32},
-    {"adaptive_max_pool3d", CastPolicy::fp32},
-    {"multilabel_margin_loss_forward", CastPolicy::fp32},
-    {"linalg_qr", CastPolicy::fp32},
-    {"linalg_cholesky_ex", CastPolicy::fp32},
-    {"linalg_svd", CastPolicy::fp32},
-    {"linalg_eig", CastPolicy::fp32},
-    {"linalg_eigh", CastPolicy::fp32},
-    {"linalg_lstsq", CastPolicy::fp32},
-    {"linalg_inv_ex", CastPolicy::fp32},
-    {"stack", CastPolicy::promote},
-    {"cat", CastPolicy::promote},
-    {"index_copy", CastPolicy::promote},
-};
 
 // "pow, Tensor_Scalar" (a stringized macro argument list) -> "aten::pow.Tensor_Scalar".
 std::string aten_name_from_macro_args(std::string_view args) {
@@ -205,7 +74,9 @@ PolicyMap build_cuda_defaults() {
 
 PolicyMap build_cpu_defaults() {
   PolicyMap m;
-  for (const auto& [name, policy] : kCpuDefaults) m[std::string("aten::") + name] = policy;
+#define AMPKIT_CPU_ENTRY(POLICY, ...) m[aten_name_from_macro_args(#__VA_ARGS__)] = CastPolicy::POLICY;
+  AMPKIT_FORALL_CPU_DEFAULTS(AMPKIT_CPU_ENTRY)
+#undef AMPKIT_CPU_ENTRY
   return m;
 }
 
@@ -426,7 +297,10 @@ OpEntry& entry_for(Registry& r, const std::string& op, const c10::OperatorHandle
   if (!lib) lib = std::make_unique<torch::Library>(torch::Library::IMPL, ns, kAutocastKey, __FILE__, __LINE__);
   std::string local = name.name.substr(ns.size() + 2);
   if (!name.overload_name.empty()) local += "." + name.overload_name;
-  lib->impl(local.c_str(), torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutocastKernel>(&e)));
+  // The default tables' operators get unboxed kernels (no boxing per call); any other one, the boxed.
+  auto kernel = unboxed_kernel_for(e);
+  lib->impl(local.c_str(), kernel ? std::move(*kernel)
+                                  : torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutocastKernel>(&e)));
   r.by_name.emplace(op, &e);
   std::lock_guard<std::mutex> lock(r.index_mutex);
   r.index.emplace(op, &e);
