@@ -3,6 +3,8 @@
 #include "optim_detail.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 #include <torch/optim/serialize.h>
@@ -511,9 +513,6 @@ void SGD::load(torch::serialize::InputArchive& archive) {
 
 namespace detail {
 
-void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& buf, const SGDHyper& h,
-                   bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf);
-
 void check_scale_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(!t.defined() || (t.numel() == 1 && t.scalar_type() == at::kFloat),
                     "fused optimizer step: expected ", name,
@@ -522,34 +521,45 @@ void check_scale_tensor(const at::Tensor& t, const char* name) {
 
 // torch's CPU fused SGD kernel reads fp16/bf16 momentum buffers through a float pointer when
 // is_first_step is false (torch 2.13: garbage buffers, parameters not updated), so with momentum
-// those dtypes take this path: the kernel's arithmetic in float32 (its opmath type), the same
-// order of operations, and the skip applied with where() on the device instead of a sync.
+// those dtypes take this kernel: torch's fused arithmetic in float32 (its opmath type), in the same
+// order of operations, one pass over each tensor. On the CPU the inf flag and the scale are read on
+// the host (no device to sync with) and a step to skip is not run at all.
+template <class T>
+void sgd_lowp_cpu_kernel(T* param, T* grad, T* buf, int64_t n, const SGDHyper& h, float lr, bool is_first_step,
+                         std::optional<float> grad_scale) {
+  const float momentum = static_cast<float>(h.momentum);
+  const float keep = static_cast<float>(1 - h.dampening);
+  const float weight_decay = static_cast<float>(h.weight_decay);
+  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float g = static_cast<float>(grad[i]);
+      if (grad_scale) {
+        g = g / *grad_scale;
+        grad[i] = static_cast<T>(g);  // the fused kernels leave the grads unscaled
+      }
+      if (h.maximize) g = -g;
+      const float p = static_cast<float>(param[i]);
+      if (h.weight_decay != 0) g = g + p * weight_decay;
+      const float b = is_first_step ? g : static_cast<float>(buf[i]) * momentum + g * keep;
+      buf[i] = static_cast<T>(b);
+      const float d = h.nesterov ? g + b * momentum : b;
+      param[i] = static_cast<T>(p - d * lr);
+    }
+  });
+}
+
 void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& buf, const SGDHyper& h,
                    bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
-  at::Tensor g = grad.to(at::kFloat);
-  at::Tensor new_grad;
-  if (grad_scale.defined()) {
-    g = g / grad_scale;
-    new_grad = g.to(grad.scalar_type());
-  }
-  if (h.maximize) g = -g;
-  const at::Tensor p = param.to(at::kFloat);
-  if (h.weight_decay != 0) g = g + p * h.weight_decay;
-  at::Tensor b = is_first_step ? g : buf.to(at::kFloat) * h.momentum + g * (1 - h.dampening);
-  const at::Tensor b_low = b.to(buf.scalar_type());
-  g = h.nesterov ? g + b * h.momentum : b;
-  const at::Tensor p_low =
-      (h.lr_tensor.defined() ? p - g * h.lr_tensor.to(p.device()) : p - g * h.lr).to(param.scalar_type());
-  if (found_inf.defined()) {
-    const at::Tensor skip = found_inf.ne(0);
-    param.copy_(at::where(skip, param, p_low));
-    buf.copy_(at::where(skip, buf, b_low));
-    if (new_grad.defined()) grad.copy_(at::where(skip, grad, new_grad));
-  } else {
-    param.copy_(p_low);
-    buf.copy_(b_low);
-    if (new_grad.defined()) grad.copy_(new_grad);
-  }
+  if (found_inf.defined() && found_inf.item<float>() != 0.0f) return;
+  TORCH_CHECK_VALUE(param.is_contiguous() && grad.is_contiguous() && buf.is_contiguous(),
+                    "SGD: expected contiguous float16/bfloat16 parameters, gradients and momentum buffers on the CPU");
+  const float lr = h.lr_tensor.defined() ? h.lr_tensor.item<float>() : static_cast<float>(h.lr);
+  const std::optional<float> scale =
+      grad_scale.defined() ? std::optional<float>(grad_scale.item<float>()) : std::nullopt;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(param.scalar_type(), "ampkit_sgd_lowp_cpu", [&] {
+    sgd_lowp_cpu_kernel<scalar_t>(param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), buf.data_ptr<scalar_t>(),
+                                  param.numel(), h, lr, is_first_step, scale);
+  });
 }
 
 // torch's fused optimizers pass a CPU tensor lr as it is (the kernels read it) and copy one on

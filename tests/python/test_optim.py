@@ -147,35 +147,56 @@ def test_torch_cpu_fused_sgd_lowp_momentum():
     assert torch.equal(p, torch.full_like(p, -2.0))
 
 
+def _fused_sgd_reference(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, maximize, first, scale):
+    """torch's fused SGD (its CUDA kernel) for one fp16/bf16 tensor, in float32 opmath, op by op:
+    the oracle of ampkit's CPU kernel for these dtypes (torch's own CPU kernel misreads them)."""
+    d = g.float()
+    if scale is not None:
+        d = d / scale
+        g.copy_(d.to(g.dtype))
+    if maximize:
+        d = -d
+    pf = p.float()
+    if weight_decay != 0:
+        d = d + pf * weight_decay
+    b = d if first else buf.float() * momentum + d * (1 - dampening)
+    buf.copy_(b.to(buf.dtype))
+    d = d + b * momentum if nesterov else b
+    p.copy_((pf - d * lr).to(p.dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_sgd_lowp_cpu_momentum(dtype, nesterov):
-    """fp16/bf16 momentum on CPU: the kernel's arithmetic in float32, checked against a float32
-    reference of torch's SGD formula, with a skipped step in the middle."""
-    kwargs = dict(lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+@pytest.mark.parametrize("kwargs", [dict(nesterov=False), dict(nesterov=True, weight_decay=0.01),
+                                    dict(dampening=0.3, maximize=True)], ids=repr)
+def test_sgd_lowp_cpu_momentum_bitwise(dtype, kwargs):
+    """fp16/bf16 momentum on CPU: ampkit's one-pass kernel against torch's fused arithmetic, bitwise,
+    with the grads still scaled, a skipped step, and a tensor lr on the last steps."""
+    kw = {**dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False), **kwargs}
     base = _params("cpu", dtype)
     a = [p.clone().requires_grad_() for p in base]
-    ref = [p.float() for p in base]
-    bufs = [None] * len(ref)
-    opt = ao.SGD(a, **kwargs)
+    ref = [p.clone() for p in base]
+    bufs = [torch.zeros_like(p) for p in base]
+    opt = ao.SGD(a, **kw)
     g = torch.Generator().manual_seed(7)
-    for it in range(5):
-        grads = [torch.randn(p.shape, generator=g).to(dtype) for p in base]
+    for it in range(6):
+        grads = [(torch.randn(p.shape, generator=g) * 8).to(dtype) for p in base]
         for p, gr in zip(a, grads):
-            p.grad = gr * 8
+            p.grad = gr.clone()
         skip = it == 2
+        if it == 4:
+            opt.param_groups[0]["lr"] = torch.tensor(0.02)
         opt.step(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(float(skip)))
         if skip:
             continue
-        for i, gr in enumerate(grads):
-            d = gr.float() + kwargs["weight_decay"] * ref[i]
-            bufs[i] = d.clone() if bufs[i] is None else bufs[i] * 0.9 + d
-            d = d + 0.9 * bufs[i] if nesterov else bufs[i]
-            ref[i] = (ref[i] - 0.05 * d).to(dtype).float()
-            bufs[i] = bufs[i].to(dtype).float()
-        tol = dict(rtol=1e-2, atol=1e-2)
-        for p, r in zip(a, ref):
-            torch.testing.assert_close(p.float(), r, **tol)
+        first = it == 0 and kw["dampening"] != 0  # dampening 0: buffers start at zero instead
+        lr = 0.05 if it < 4 else 0.02
+        for r, gr, b, p in zip(ref, grads, bufs, a):
+            rg = gr.clone()
+            _fused_sgd_reference(r, rg, b, lr, kw["momentum"], kw["dampening"], kw["weight_decay"], kw["nesterov"],
+                                 kw["maximize"], first, torch.tensor(8.0))
+            torch.testing.assert_close(p.grad, rg, rtol=0, atol=0)  # left unscaled, as the fused kernels do
+        assert _bitwise(a, ref), f"step {it}"
+        assert _bitwise([opt.state[p]["momentum_buffer"] for p in a], bufs)
 
 
 @pytest.mark.parametrize("cls", [ao.Adam, ao.AdamW])
