@@ -138,7 +138,7 @@ Run make_run(const std::string& mode, const Workload& w, torch::Device device) {
   r.optimizer = std::make_unique<ampkit::optim::AdamW>(r.model->parameters(), ampkit::optim::AdamWOptions(2e-4));
   ampkit::TrainerOptions opts(device.type());
   if (mode == "ampkit-fp32")
-    opts.autocast(false);
+    opts.enabled(false);
   else if (mode == "ampkit-bf16")
     opts.dtype(torch::kBFloat16);
   else if (mode == "ampkit-fp16")
@@ -153,7 +153,7 @@ void train_step(Run& r, const Workload& w) {
   const auto& [x, y] = w.data[r.steps % w.data.size()];
   if (r.trainer) {
     auto stats = r.trainer->step([&] { return torch::nn::functional::cross_entropy(w.forward(*r.model, x), y); });
-    r.losses.push_back(stats.loss_tensor());
+    r.losses.push_back(stats.loss());
   } else {
     auto loss = torch::nn::functional::cross_entropy(w.forward(*r.model, x), y);
     loss.backward();

@@ -452,7 +452,7 @@ const std::vector<c10::DeviceType>& policy_device_types() {
 
 bool has_policy_table(c10::DeviceType device_type) { return policy_device_index(device_type) >= 0; }
 
-std::optional<CastPolicy> get_policy(c10::DeviceType device_type, std::string_view op) {
+std::optional<CastPolicy> get_policy(std::string_view op, c10::DeviceType device_type) {
   const int d = checked_device(device_type);
   const std::string name = full_name(parse_op_name(op));
   auto& r = registry();
@@ -463,7 +463,7 @@ std::optional<CastPolicy> get_policy(c10::DeviceType device_type, std::string_vi
   return it->second;
 }
 
-void set_policy(c10::DeviceType device_type, std::string_view op, CastPolicy policy) {
+void set_policy(std::string_view op, c10::DeviceType device_type, CastPolicy policy) {
   const int d = checked_device(device_type);
   TORCH_CHECK_VALUE(static_cast<unsigned>(policy) <= static_cast<unsigned>(CastPolicy::banned),
                     "ampkit: expected a CastPolicy, got the value ", static_cast<int>(policy));
@@ -479,7 +479,7 @@ void set_policy(c10::DeviceType device_type, std::string_view op, CastPolicy pol
   store_policy(e, d, policy);
 }
 
-bool remove_policy(c10::DeviceType device_type, std::string_view op) {
+bool remove_policy(std::string_view op, c10::DeviceType device_type) {
   const int d = checked_device(device_type);
   const std::string name = full_name(find_op(op).operator_name());
   auto& r = registry();

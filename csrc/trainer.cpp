@@ -45,27 +45,17 @@ c10::ScalarType TrainerOptions::dtype() const {
 std::optional<GradScalerOptions> TrainerOptions::scaler() const {
   if (scaler_set_) return scaler_;
   // bf16 has fp32's exponent range: gradients do not underflow, so there is nothing to scale.
-  if (autocast_ && dtype() == at::kHalf) return GradScalerOptions();
+  if (enabled_ && dtype() == at::kHalf) return GradScalerOptions();
   return std::nullopt;
 }
 
 void TrainerOptions::validate() const {
-  detail::check_autocast_arguments(device_type_, dtype(), autocast_);
+  detail::check_autocast_arguments(device_type_, dtype(), enabled_);
   TORCH_CHECK_VALUE(accumulation_steps_ >= 1, "Trainer: expected accumulation_steps >= 1, got ", accumulation_steps_);
   TORCH_CHECK_VALUE(!max_grad_norm_.has_value() || (std::isfinite(*max_grad_norm_) && *max_grad_norm_ > 0.0),
                     "Trainer: expected max_grad_norm to be finite and > 0 (or unset), got ",
                     max_grad_norm_.value_or(0.0));
   if (auto s = scaler()) s->validate();
-}
-
-// ---- stats ----
-
-double StepStats::loss() const { return loss_.item<double>(); }
-double StepStats::scale() const { return scale_.defined() ? scale_.item<double>() : 1.0; }
-bool StepStats::skipped() const { return skipped_.item<bool>(); }
-std::optional<double> StepStats::grad_norm() const {
-  if (!grad_norm_.defined()) return std::nullopt;
-  return grad_norm_.item<double>();
 }
 
 // ---- trainer ----
@@ -94,7 +84,7 @@ StepStats Trainer::step(const Closure& closure) {
   {
     // Forward in the region; the guard is gone before backward, which runs with the TLS of the
     // thread that calls it.
-    AutocastGuard guard(options_.device_type(), options_.dtype(), options_.autocast());
+    AutocastGuard guard(options_.device_type(), options_.dtype(), options_.enabled());
     loss = closure();
   }
   TORCH_CHECK_VALUE(loss.defined(), "Trainer.step: expected the closure to return the loss, got an undefined tensor");
@@ -136,7 +126,7 @@ StepStats Trainer::step(const Closure& closure) {
     optimizer_.step();
     stats.skipped_ = false_on(loss.device());
   }
-  optimizer_.zero_grad(options_.zero_grad_set_to_none());
+  optimizer_.zero_grad(options_.set_to_none());
   return stats;
 }
 

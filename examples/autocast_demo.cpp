@@ -26,10 +26,10 @@ int main() {
       auto out = model[2]->as<torch::nn::Linear>()->forward(a);
       loss = torch::mse_loss(out, y);
       if (step == 0) {
-        std::cout << "  linear  (policy " << ampkit::to_string(*ampkit::get_policy(device, "aten::linear"))
+        std::cout << "  linear  (policy " << ampkit::to_string(*ampkit::get_policy("aten::linear", device))
                   << ") ran in " << h.scalar_type() << "\n"
                   << "  tanh    (no entry) ran in " << a.scalar_type() << "\n"
-                  << "  mse_loss (policy " << ampkit::to_string(*ampkit::get_policy(device, "aten::mse_loss"))
+                  << "  mse_loss (policy " << ampkit::to_string(*ampkit::get_policy("aten::mse_loss", device))
                   << ") ran in " << loss.scalar_type() << "\n";
       }
     }

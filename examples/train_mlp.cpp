@@ -36,9 +36,10 @@ int main() {
     const auto [x, y] = batch();
     const auto stats = trainer.step([&] { return torch::mse_loss(model->forward(x).to(torch::kFloat), y); });
     if (step % 50 == 0 || step == steps - 1) {
-      last = stats.loss();  // syncs: only when printing
+      last = stats.loss().item<double>();  // syncs: only when printing
       if (first < 0) first = last;
-      std::printf("step %4d  loss %.5f  scale %g  skipped %d\n", step, last, stats.scale(), int(stats.skipped()));
+      std::printf("step %4d  loss %.5f  scale %g  skipped %d\n", step, last,
+                  stats.scale().defined() ? stats.scale().item<double>() : 1.0, int(stats.skipped().item<bool>()));
     }
   }
 

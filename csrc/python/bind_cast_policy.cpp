@@ -10,32 +10,32 @@ namespace ampkit::python {
 
 void bind_cast_policy(py::module_& m) {
   py::enum_<CastPolicy>(m, "CastPolicy", "How an operator's floating inputs are treated under autocast.")
-      .value("LOWER_PRECISION_FP", CastPolicy::lower_precision_fp, "cast to the autocast dtype (fp16 / bf16)")
-      .value("FP32", CastPolicy::fp32, "cast to float32")
-      .value("FP32_SET_OPT_DTYPE", CastPolicy::fp32_set_opt_dtype, "fill an absent dtype= with float32")
-      .value("FP32_APPEND_DTYPE", CastPolicy::fp32_append_dtype, "call the dtype overload with float32")
-      .value("PROMOTE", CastPolicy::promote, "run in the widest floating input type")
-      .value("BANNED", CastPolicy::banned, "refuse to run under autocast");
+      .value("lower_precision_fp", CastPolicy::lower_precision_fp, "cast to the autocast dtype (fp16 / bf16)")
+      .value("fp32", CastPolicy::fp32, "cast to float32")
+      .value("fp32_set_opt_dtype", CastPolicy::fp32_set_opt_dtype, "fill an absent dtype= with float32")
+      .value("fp32_append_dtype", CastPolicy::fp32_append_dtype, "call the dtype overload with float32")
+      .value("promote", CastPolicy::promote, "run in the widest floating input type")
+      .value("banned", CastPolicy::banned, "refuse to run under autocast");
 
   m.def(
       "get_policy",
       [](const std::string& op, const std::string& device_type) {
-        return with_python_warnings([&] { return get_policy(parse_device_type(device_type), op); });
+        return with_python_warnings([&] { return get_policy(op, parse_device_type(device_type)); });
       },
       py::arg("op"), py::arg("device_type"),
       "The policy of op (e.g. 'aten::mm') on device_type, or None when it has no entry.");
   m.def(
       "set_policy",
-      [](const std::string& op, CastPolicy policy, const std::string& device_type) {
-        with_python_warnings([&] { set_policy(parse_device_type(device_type), op, policy); });
+      [](const std::string& op, const std::string& device_type, CastPolicy policy) {
+        with_python_warnings([&] { set_policy(op, parse_device_type(device_type), policy); });
       },
-      py::arg("op"), py::arg("policy"), py::arg("device_type"),
+      py::arg("op"), py::arg("device_type"), py::arg("policy"),
       "Adds or replaces the entry of op. Refused (table unchanged) for unknown or in-place ops and for a "
       "policy that does not fit the op's schema.");
   m.def(
       "remove_policy",
       [](const std::string& op, const std::string& device_type) {
-        return with_python_warnings([&] { return remove_policy(parse_device_type(device_type), op); });
+        return with_python_warnings([&] { return remove_policy(op, parse_device_type(device_type)); });
       },
       py::arg("op"), py::arg("device_type"), "Removes the entry of op; returns False when it had none.");
   m.def(

@@ -73,7 +73,8 @@ class CppTrainer {
 
   std::optional<double> step(const Trainer::Closure& closure) {
     const StepStats stats = trainer_.step(closure);
-    return stats.stepped() ? stats.grad_norm() : std::nullopt;
+    return stats.stepped() && stats.grad_norm().defined() ? std::optional<double>(stats.grad_norm().item<double>())
+                                                          : std::nullopt;
   }
   double scale() const { return trainer_.scaler() ? trainer_.scaler()->get_scale() : 1.0; }
   int64_t micro_steps() const { return trainer_.micro_steps(); }

@@ -64,17 +64,17 @@ bool has_policy_table(c10::DeviceType device_type);
 
 /// The policy of \p op on \p device_type, or nullopt when the op is not in the table.
 /// Throws for a device type without a table and for a malformed name.
-std::optional<CastPolicy> get_policy(c10::DeviceType device_type, std::string_view op);
+std::optional<CastPolicy> get_policy(std::string_view op, c10::DeviceType device_type);
 
 /// Adds or replaces the entry of \p op. Refused with c10::Error, leaving the table as it
 /// was, when the name is malformed, the operator does not exist, the operator has mutable
 /// (in-place or out=) arguments or no Tensor argument, or the policy does not fit its schema.
 /// \param op full name with overload, e.g. "aten::pow.Tensor_Scalar"
-void set_policy(c10::DeviceType device_type, std::string_view op, CastPolicy policy);
+void set_policy(std::string_view op, c10::DeviceType device_type, CastPolicy policy);
 
 /// Removes the entry of \p op; returns false when it had none. Unknown or malformed names
 /// are refused as in set_policy.
-bool remove_policy(c10::DeviceType device_type, std::string_view op);
+bool remove_policy(std::string_view op, c10::DeviceType device_type);
 
 /// The whole table of \p device_type.
 PolicyMap list_policies(c10::DeviceType device_type);

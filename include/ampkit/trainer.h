@@ -11,7 +11,7 @@
 ///   ampkit::Trainer trainer(*model, opt, ampkit::TrainerOptions(c10::kCUDA).max_grad_norm(1.0));
 ///   for (auto& [x, y] : batches) {
 ///     auto stats = trainer.step([&] { return torch::mse_loss(model->forward(x), y); });
-///     if (i % 100 == 0) std::cout << stats.loss() << "\n"; // loss() syncs; loss_tensor() does not
+///     if (i % 100 == 0) std::cout << stats.loss().item<double>() << "\n";  // the item() syncs
 ///   }
 /// \endcode
 
@@ -48,8 +48,8 @@ struct TrainerOptions {
     return *this;
   }
   /// false: run the closure without autocast (plain fp32; the rest of the recipe stays).
-  TrainerOptions& autocast(bool v) {
-    autocast_ = v;
+  TrainerOptions& enabled(bool v) {
+    enabled_ = v;
     return *this;
   }
   /// Loss scaling with these options. Default: a default GradScaler under fp16, none under bf16,
@@ -77,20 +77,20 @@ struct TrainerOptions {
     return *this;
   }
   /// zero_grad(set_to_none) after each step (default true, as torch).
-  TrainerOptions& zero_grad_set_to_none(bool v) {
-    zero_grad_set_to_none_ = v;
+  TrainerOptions& set_to_none(bool v) {
+    set_to_none_ = v;
     return *this;
   }
 
   c10::DeviceType device_type() const { return device_type_; }
   /// The dtype set, else the device type's default autocast dtype.
   c10::ScalarType dtype() const;
-  bool autocast() const { return autocast_; }
+  bool enabled() const { return enabled_; }
   /// The scaler's options, or std::nullopt for no scaling (resolving the default by dtype).
   std::optional<GradScalerOptions> scaler() const;
   int64_t accumulation_steps() const { return accumulation_steps_; }
   std::optional<double> max_grad_norm() const { return max_grad_norm_; }
-  bool zero_grad_set_to_none() const { return zero_grad_set_to_none_; }
+  bool set_to_none() const { return set_to_none_; }
 
   /// Throws c10::ValueError naming the option unless every option is in range.
   void validate() const;
@@ -98,35 +98,30 @@ struct TrainerOptions {
  private:
   c10::DeviceType device_type_;
   std::optional<c10::ScalarType> dtype_;
-  bool autocast_ = true;
+  bool enabled_ = true;
   std::optional<GradScalerOptions> scaler_;
   bool scaler_set_ = false;
   int64_t accumulation_steps_ = 1;
   std::optional<double> max_grad_norm_;
-  bool zero_grad_set_to_none_ = true;
+  bool set_to_none_ = true;
 };
 
-/// What one Trainer::step did. The tensors live on the device and are read lazily: the tensor
-/// accessors never synchronize, the double / bool ones do.
+/// What one Trainer::step did: ampkit.StepStats's fields, as device tensors (reading them does not
+/// synchronize; `loss().item<double>()` does).
 class StepStats {
  public:
   /// The closure's loss (before division by accumulation_steps), detached. 0-dim.
-  const at::Tensor& loss_tensor() const { return loss_; }
+  const at::Tensor& loss() const { return loss_; }
   /// The scale the loss was multiplied by (a copy, 0-dim float32); undefined without a scaler.
-  const at::Tensor& scale_tensor() const { return scale_; }
+  const at::Tensor& scale() const { return scale_; }
   /// 0-dim bool: whether the optimizer step was skipped for inf/NaN grads (false on
   /// micro-batches that only accumulate, and without a scaler).
-  const at::Tensor& skipped_tensor() const { return skipped_; }
+  const at::Tensor& skipped() const { return skipped_; }
   /// Total 2-norm of the unscaled grads before clipping (0-dim); undefined unless this call
   /// stepped with max_grad_norm set.
-  const at::Tensor& grad_norm_tensor() const { return grad_norm_; }
-
-  /// Whether this call ran the optimizer step (the last micro-batch of an accumulation); no sync.
+  const at::Tensor& grad_norm() const { return grad_norm_; }
+  /// Whether this call ran the optimizer step (the last micro-batch of an accumulation).
   bool stepped() const { return stepped_; }
-  double loss() const;                      ///< synchronizes
-  double scale() const;                     ///< synchronizes; 1 without a scaler
-  bool skipped() const;                     ///< synchronizes
-  std::optional<double> grad_norm() const;  ///< synchronizes; nullopt when not computed
 
  private:
   friend class Trainer;

@@ -79,8 +79,8 @@ def _sync_compiled_code() -> None:
 def _as_policy(policy: Union["CastPolicy", str]) -> "CastPolicy":
     if isinstance(policy, CastPolicy):
         return policy
-    if isinstance(policy, str) and policy.upper() in CastPolicy.__members__:
-        return CastPolicy.__members__[policy.upper()]
+    if isinstance(policy, str) and policy in CastPolicy.__members__:
+        return CastPolicy.__members__[policy]
     names = ", ".join(CastPolicy.__members__)
     raise ValueError(f"ampkit: expected policy to be an ampkit.CastPolicy or one of {names}, got {policy!r}")
 
@@ -90,14 +90,15 @@ def get_policy(op: str, device_type: str) -> Optional["CastPolicy"]:
     return _C.get_policy(op, device_type)
 
 
-def set_policy(op: str, policy: Union["CastPolicy", str], device_type: str) -> None:
-    """Gives ``op`` a policy on ``device_type``, replacing any entry it had.
+def set_policy(op: str, device_type: str, policy: Union["CastPolicy", str]) -> None:
+    """Gives ``op`` a policy on ``device_type``, replacing any entry it had (the argument order of
+    ``torch.library.register_autocast(op, device_type, cast_inputs)``).
 
     Refused with ValueError, leaving the table as it was, for malformed names, operators the
     dispatcher does not know, in-place or ``out=`` operators, and policies that do not fit the
     operator's schema. Custom operators (``torch.library``) are accepted once defined.
     """
-    _C.set_policy(op, _as_policy(policy), device_type)
+    _C.set_policy(op, device_type, _as_policy(policy))
     _sync_compiled_code()
 
 

@@ -69,7 +69,7 @@ TEST_CASE("each policy casts as torch does, bitwise against casting by hand", "[
     CHECK(bitwise_equal(out, torch::mse_loss(x.to(at::kFloat), y.to(at::kFloat))));
   }
   SECTION("fp32_set_opt_dtype fills an absent dtype only") {
-    ampkit::set_policy(c10::kCPU, "aten::softmax.int", CastPolicy::fp32_set_opt_dtype);
+    ampkit::set_policy("aten::softmax.int", c10::kCPU, CastPolicy::fp32_set_opt_dtype);
     auto x = a.to(dtype);
     at::Tensor out, explicit_dtype;
     {
@@ -81,7 +81,7 @@ TEST_CASE("each policy casts as torch does, bitwise against casting by hand", "[
     CHECK(explicit_dtype.scalar_type() == at::kDouble);
   }
   SECTION("fp32_append_dtype calls the dtype overload") {
-    ampkit::set_policy(c10::kCPU, "aten::norm.Scalar", CastPolicy::fp32_append_dtype);
+    ampkit::set_policy("aten::norm.Scalar", c10::kCPU, CastPolicy::fp32_append_dtype);
     auto x = a.to(dtype);
     at::Tensor out;
     {
@@ -102,7 +102,7 @@ TEST_CASE("each policy casts as torch does, bitwise against casting by hand", "[
     CHECK(bitwise_equal(same, torch::cat({low, low})));
   }
   SECTION("banned refuses to run") {
-    ampkit::set_policy(c10::kCPU, "aten::binary_cross_entropy", CastPolicy::banned);
+    ampkit::set_policy("aten::binary_cross_entropy", c10::kCPU, CastPolicy::banned);
     auto p = torch::rand({4}), t = torch::rand({4});
     AutocastGuard guard(c10::kCPU, dtype);
     CHECK_THAT(error_of([&] { torch::binary_cross_entropy(p, t); }),
@@ -202,7 +202,7 @@ TEST_CASE("torch's own state changed inside a guard is obeyed, and the table sti
   SECTION("torch.autocast(dtype=float16) inside: fp16, per ampkit's table") {
     at::autocast::set_autocast_dtype(c10::kCPU, at::kHalf);
     CHECK(bitwise_equal(torch::mm(a, b), torch::mm(a.to(at::kHalf), b.to(at::kHalf))));
-    ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32);
+    ampkit::set_policy("aten::mm", c10::kCPU, CastPolicy::fp32);
     CHECK(torch::mm(a, b).scalar_type() == at::kFloat);
     at::autocast::set_autocast_dtype(c10::kCPU, at::kBFloat16);
   }
@@ -446,9 +446,9 @@ TEST_CASE("table edits take effect while guards are alive, alongside other threa
   });
   AutocastGuard g(c10::kCPU);
   for (int i = 0; i < 200; ++i) {
-    ampkit::set_policy(c10::kCPU, "aten::relu", CastPolicy::fp32);
+    ampkit::set_policy("aten::relu", c10::kCPU, CastPolicy::fp32);
     CHECK(torch::relu(x).scalar_type() == at::kFloat);
-    ampkit::remove_policy(c10::kCPU, "aten::relu");
+    ampkit::remove_policy("aten::relu", c10::kCPU);
     CHECK(torch::relu(x).scalar_type() == at::kBFloat16);
   }
   stop = true;
@@ -464,12 +464,12 @@ TEST_CASE("a custom operator gets a policy at run time", "[autocast]") {
     AutocastGuard g(c10::kCPU);
     CHECK(call_scale2(x).scalar_type() == at::kFloat);  // no entry yet
   }
-  ampkit::set_policy(c10::kCPU, "ampkit_test::scale2", CastPolicy::lower_precision_fp);
+  ampkit::set_policy("ampkit_test::scale2", c10::kCPU, CastPolicy::lower_precision_fp);
   {
     AutocastGuard g(c10::kCPU);
     CHECK(bitwise_equal(call_scale2(x), low * 2));
   }
-  ampkit::set_policy(c10::kCPU, "ampkit_test::scale2", CastPolicy::fp32);
+  ampkit::set_policy("ampkit_test::scale2", c10::kCPU, CastPolicy::fp32);
   {
     AutocastGuard g(c10::kCPU);
     CHECK(bitwise_equal(call_scale2(low), low.to(at::kFloat) * 2));
@@ -630,9 +630,9 @@ TEST_CASE("an op's first policy is set while other threads call it", "[autocast]
   }
   start = true;
   while (calls.load() < 50) std::this_thread::yield();
-  ampkit::set_policy(c10::kCPU, "ampkit_test::scale3", CastPolicy::lower_precision_fp);
+  ampkit::set_policy("ampkit_test::scale3", c10::kCPU, CastPolicy::lower_precision_fp);
   for (int i = 0; i < 50; ++i) {
-    ampkit::set_policy(c10::kCPU, "ampkit_test::scale3", i % 2 ? CastPolicy::fp32 : CastPolicy::lower_precision_fp);
+    ampkit::set_policy("ampkit_test::scale3", c10::kCPU, i % 2 ? CastPolicy::fp32 : CastPolicy::lower_precision_fp);
   }
   const int seen = calls.load();
   while (calls.load() < seen + 50) std::this_thread::yield();
@@ -640,6 +640,6 @@ TEST_CASE("an op's first policy is set while other threads call it", "[autocast]
   for (auto& t : callers) t.join();
   CHECK(bad.load() == 0);
   AutocastGuard g(c10::kCPU);
-  ampkit::set_policy(c10::kCPU, "ampkit_test::scale3", CastPolicy::lower_precision_fp);
+  ampkit::set_policy("ampkit_test::scale3", c10::kCPU, CastPolicy::lower_precision_fp);
   CHECK(bitwise_equal(op.call(x), cast));
 }

@@ -39,14 +39,14 @@ TEST_CASE("default tables list exactly the ops torch's own autocast registers", 
     CHECK(keys_of(ampkit::default_policies(c10::kCUDA)) == ops_with_kernel_for(c10::DispatchKey::AutocastCUDA));
   }
   SECTION("policies of well-known ops") {
-    CHECK(ampkit::get_policy(c10::kCPU, "aten::mm") == CastPolicy::lower_precision_fp);
-    CHECK(ampkit::get_policy(c10::kCPU, "aten::mse_loss") == CastPolicy::fp32);
-    CHECK(ampkit::get_policy(c10::kCPU, "aten::cat") == CastPolicy::promote);
-    CHECK(ampkit::get_policy(c10::kCUDA, "aten::softmax.int") == CastPolicy::fp32_set_opt_dtype);
-    CHECK(ampkit::get_policy(c10::kCUDA, "aten::norm.Scalar") == CastPolicy::fp32_append_dtype);
-    CHECK(ampkit::get_policy(c10::kCUDA, "aten::binary_cross_entropy") == CastPolicy::banned);
-    CHECK(ampkit::get_policy(c10::kCUDA, "aten::pow.Tensor_Scalar") == CastPolicy::fp32);
-    CHECK_FALSE(ampkit::get_policy(c10::kCPU, "aten::relu").has_value());
+    CHECK(ampkit::get_policy("aten::mm", c10::kCPU) == CastPolicy::lower_precision_fp);
+    CHECK(ampkit::get_policy("aten::mse_loss", c10::kCPU) == CastPolicy::fp32);
+    CHECK(ampkit::get_policy("aten::cat", c10::kCPU) == CastPolicy::promote);
+    CHECK(ampkit::get_policy("aten::softmax.int", c10::kCUDA) == CastPolicy::fp32_set_opt_dtype);
+    CHECK(ampkit::get_policy("aten::norm.Scalar", c10::kCUDA) == CastPolicy::fp32_append_dtype);
+    CHECK(ampkit::get_policy("aten::binary_cross_entropy", c10::kCUDA) == CastPolicy::banned);
+    CHECK(ampkit::get_policy("aten::pow.Tensor_Scalar", c10::kCUDA) == CastPolicy::fp32);
+    CHECK_FALSE(ampkit::get_policy("aten::relu", c10::kCPU).has_value());
   }
   SECTION("the live tables start as the defaults") {
     CHECK(ampkit::list_policies(c10::kCPU) == ampkit::default_policies(c10::kCPU));
@@ -63,23 +63,23 @@ TEST_CASE("policy names round-trip", "[cast_policy]") {
 
 TEST_CASE("tables are edited at run time", "[cast_policy]") {
   ResetPoliciesOnExit reset;
-  ampkit::set_policy(c10::kCPU, "aten::relu", CastPolicy::fp32);
-  CHECK(ampkit::get_policy(c10::kCPU, "aten::relu") == CastPolicy::fp32);
-  CHECK_FALSE(ampkit::get_policy(c10::kCUDA, "aten::relu").has_value());
+  ampkit::set_policy("aten::relu", c10::kCPU, CastPolicy::fp32);
+  CHECK(ampkit::get_policy("aten::relu", c10::kCPU) == CastPolicy::fp32);
+  CHECK_FALSE(ampkit::get_policy("aten::relu", c10::kCUDA).has_value());
   CHECK(ampkit::list_policies(c10::kCPU).at("aten::relu") == CastPolicy::fp32);
 
-  ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32);
-  CHECK(ampkit::get_policy(c10::kCPU, "aten::mm") == CastPolicy::fp32);
+  ampkit::set_policy("aten::mm", c10::kCPU, CastPolicy::fp32);
+  CHECK(ampkit::get_policy("aten::mm", c10::kCPU) == CastPolicy::fp32);
 
-  CHECK(ampkit::remove_policy(c10::kCPU, "aten::relu"));
-  CHECK_FALSE(ampkit::remove_policy(c10::kCPU, "aten::relu"));
-  CHECK_FALSE(ampkit::get_policy(c10::kCPU, "aten::relu").has_value());
+  CHECK(ampkit::remove_policy("aten::relu", c10::kCPU));
+  CHECK_FALSE(ampkit::remove_policy("aten::relu", c10::kCPU));
+  CHECK_FALSE(ampkit::get_policy("aten::relu", c10::kCPU).has_value());
 
   ampkit::reset_policies(c10::kCPU);
   CHECK(ampkit::list_policies(c10::kCPU) == ampkit::default_policies(c10::kCPU));
 
-  ampkit::set_policy(c10::kCUDA, "aten::mm", CastPolicy::fp32);
-  ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32);
+  ampkit::set_policy("aten::mm", c10::kCUDA, CastPolicy::fp32);
+  ampkit::set_policy("aten::mm", c10::kCPU, CastPolicy::fp32);
   ampkit::reset_policies();
   CHECK(ampkit::list_policies(c10::kCPU) == ampkit::default_policies(c10::kCPU));
   CHECK(ampkit::list_policies(c10::kCUDA) == ampkit::default_policies(c10::kCUDA));
@@ -87,50 +87,50 @@ TEST_CASE("tables are edited at run time", "[cast_policy]") {
 
 TEST_CASE("refused edits name the problem and leave the table unchanged", "[cast_policy]") {
   ResetPoliciesOnExit reset;
-  ampkit::set_policy(c10::kCPU, "aten::relu", CastPolicy::fp32);
+  ampkit::set_policy("aten::relu", c10::kCPU, CastPolicy::fp32);
   const auto before_cpu = ampkit::list_policies(c10::kCPU);
   const auto before_cuda = ampkit::list_policies(c10::kCUDA);
 
   SECTION("malformed names") {
     for (const char* bad : {"mm", "aten::", "::mm", "aten:mm", "aten::mm.", "aten::mm.a.b", "aten::m m", ""}) {
       INFO(bad);
-      CHECK_THAT(error_of([&] { ampkit::set_policy(c10::kCPU, bad, CastPolicy::fp32); }),
+      CHECK_THAT(error_of([&] { ampkit::set_policy(bad, c10::kCPU, CastPolicy::fp32); }),
                  Contains("expected op as 'namespace::name'") && Contains(std::string("got '") + bad + "'"));
-      CHECK_THAT(error_of([&] { ampkit::get_policy(c10::kCPU, bad); }), Contains("expected op as"));
-      CHECK_THAT(error_of([&] { ampkit::remove_policy(c10::kCPU, bad); }), Contains("expected op as"));
+      CHECK_THAT(error_of([&] { ampkit::get_policy(bad, c10::kCPU); }), Contains("expected op as"));
+      CHECK_THAT(error_of([&] { ampkit::remove_policy(bad, c10::kCPU); }), Contains("expected op as"));
     }
   }
   SECTION("unknown operators") {
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::no_such_op", CastPolicy::fp32); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::no_such_op", c10::kCPU, CastPolicy::fp32); }),
                Contains("expected an operator registered with the PyTorch dispatcher, got 'aten::no_such_op'"));
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "nons::thing", CastPolicy::fp32); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("nons::thing", c10::kCPU, CastPolicy::fp32); }),
                Contains("got 'nons::thing'"));
     // An overloaded name without its overload lists the overloads.
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::pow", CastPolicy::fp32); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::pow", c10::kCPU, CastPolicy::fp32); }),
                Contains("aten::pow.Tensor_Scalar"));
-    CHECK_THAT(error_of([] { ampkit::remove_policy(c10::kCPU, "aten::no_such_op"); }),
+    CHECK_THAT(error_of([] { ampkit::remove_policy("aten::no_such_op", c10::kCPU); }),
                Contains("got 'aten::no_such_op'"));
   }
   SECTION("in-place and out= operators") {
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::add_.Tensor", CastPolicy::fp32); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::add_.Tensor", c10::kCPU, CastPolicy::fp32); }),
                Contains("expected an out-of-place operator, got 'aten::add_.Tensor'") && Contains("'self'"));
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::mm.out", CastPolicy::lower_precision_fp); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::mm.out", c10::kCPU, CastPolicy::lower_precision_fp); }),
                Contains("got 'aten::mm.out'") && Contains("'out' is mutable"));
   }
   SECTION("operators without tensor arguments") {
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::scalar_tensor", CastPolicy::fp32); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::scalar_tensor", c10::kCPU, CastPolicy::fp32); }),
                Contains("expected an operator with a Tensor") && Contains("'aten::scalar_tensor'"));
   }
   SECTION("policies that do not fit the schema") {
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32_set_opt_dtype); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::mm", c10::kCPU, CastPolicy::fp32_set_opt_dtype); }),
                Contains("fp32_set_opt_dtype expects") && Contains("'aten::mm'"));
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::mm", CastPolicy::fp32_append_dtype); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::mm", c10::kCPU, CastPolicy::fp32_append_dtype); }),
                Contains("fp32_append_dtype expects an overload of 'aten::mm'"));
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kCPU, "aten::mm", static_cast<CastPolicy>(42)); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::mm", c10::kCPU, static_cast<CastPolicy>(42)); }),
                Contains("expected a CastPolicy, got the value 42"));
   }
   SECTION("device types without a table") {
-    CHECK_THAT(error_of([] { ampkit::set_policy(c10::kMeta, "aten::mm", CastPolicy::fp32); }),
+    CHECK_THAT(error_of([] { ampkit::set_policy("aten::mm", c10::kMeta, CastPolicy::fp32); }),
                Contains("expected device_type 'cpu' or 'cuda'") && Contains("got 'meta'"));
     CHECK_THAT(error_of([] { ampkit::list_policies(c10::kXLA); }), Contains("got 'xla'"));
     CHECK_THAT(error_of([] { ampkit::reset_policies(c10::kMPS); }), Contains("got 'mps'"));
@@ -142,12 +142,12 @@ TEST_CASE("refused edits name the problem and leave the table unchanged", "[cast
 
 TEST_CASE("policies that fit: dtype overloads are found", "[cast_policy]") {
   ResetPoliciesOnExit reset;
-  ampkit::set_policy(c10::kCPU, "aten::norm.Scalar", CastPolicy::fp32_append_dtype);
-  ampkit::set_policy(c10::kCPU, "aten::norm.ScalarOpt_dim", CastPolicy::fp32_append_dtype);
-  ampkit::set_policy(c10::kCPU, "aten::sum", CastPolicy::fp32_set_opt_dtype);
-  ampkit::set_policy(c10::kCPU, "aten::softmax.int", CastPolicy::fp32_set_opt_dtype);
-  CHECK(ampkit::get_policy(c10::kCPU, "aten::norm.Scalar") == CastPolicy::fp32_append_dtype);
-  CHECK(ampkit::get_policy(c10::kCPU, "aten::sum") == CastPolicy::fp32_set_opt_dtype);
+  ampkit::set_policy("aten::norm.Scalar", c10::kCPU, CastPolicy::fp32_append_dtype);
+  ampkit::set_policy("aten::norm.ScalarOpt_dim", c10::kCPU, CastPolicy::fp32_append_dtype);
+  ampkit::set_policy("aten::sum", c10::kCPU, CastPolicy::fp32_set_opt_dtype);
+  ampkit::set_policy("aten::softmax.int", c10::kCPU, CastPolicy::fp32_set_opt_dtype);
+  CHECK(ampkit::get_policy("aten::norm.Scalar", c10::kCPU) == CastPolicy::fp32_append_dtype);
+  CHECK(ampkit::get_policy("aten::sum", c10::kCPU) == CastPolicy::fp32_set_opt_dtype);
   // Which overload was found shows in what runs: each call equals its dtype overload, by hand.
   const auto x = torch::randn({4, 5}).to(at::kBFloat16);
   at::Tensor scalar, dim, sum;
@@ -204,8 +204,8 @@ TEST_CASE("an operator defined again with other arguments is never run with its 
   using ampkit::AutocastGuard;
   auto x = torch::randn({8});
   auto lib = define_redef(true);
-  ampkit::set_policy(c10::kCPU, "ampkit_redef::f", CastPolicy::lower_precision_fp);
-  ampkit::set_policy(c10::kCUDA, "ampkit_redef::f", CastPolicy::fp32_set_opt_dtype);
+  ampkit::set_policy("ampkit_redef::f", c10::kCPU, CastPolicy::lower_precision_fp);
+  ampkit::set_policy("ampkit_redef::f", c10::kCUDA, CastPolicy::fp32_set_opt_dtype);
   {
     AutocastGuard g(c10::kCPU);
     CHECK(bitwise_equal(call_redef({x, x, c10::List<at::Tensor>({x}), c10::IValue()}),
@@ -222,8 +222,8 @@ TEST_CASE("an operator defined again with other arguments is never run with its 
     lib = define_redef(false);
     AutocastGuard g(c10::kCPU);
     CHECK(bitwise_equal(call_redef({x}), x.to(at::kBFloat16) * 2));
-    CHECK(ampkit::get_policy(c10::kCPU, "ampkit_redef::f") == CastPolicy::lower_precision_fp);
-    CHECK_FALSE(ampkit::get_policy(c10::kCUDA, "ampkit_redef::f").has_value());  // needs a dtype argument
+    CHECK(ampkit::get_policy("ampkit_redef::f", c10::kCPU) == CastPolicy::lower_precision_fp);
+    CHECK_FALSE(ampkit::get_policy("ampkit_redef::f", c10::kCUDA).has_value());  // needs a dtype argument
   }
   lib.reset();
 }

@@ -458,12 +458,12 @@ def test_exit_without_enter_names_the_problem():
 
 def test_banned_op_on_cuda_raises():
     # The CUDA table bans binary_cross_entropy; give the CPU table the same entry to see the error here.
-    ampkit.set_policy("aten::binary_cross_entropy", "banned", "cpu")
+    ampkit.set_policy("aten::binary_cross_entropy", "cpu", "banned")
     p, t = torch.rand(4), torch.rand(4)
     with ampkit.autocast("cpu"):
         with pytest.raises(RuntimeError, match="binary_cross_entropy_with_logits"):
             F.binary_cross_entropy(p, t)
-    assert ampkit.get_policy("aten::binary_cross_entropy", "cuda") == ampkit.CastPolicy.BANNED
+    assert ampkit.get_policy("aten::binary_cross_entropy", "cuda") == ampkit.CastPolicy.banned
 
 
 def test_a_privateuse1_backend_owning_the_key_gets_a_clear_error():
@@ -534,8 +534,8 @@ def test_nested_torch_autocast_works_inside_a_region(inner_kwargs):
 
 def test_the_table_still_decides_inside_a_nested_torch_autocast():
     a, b = torch.randn(8, 8), torch.randn(8, 8)
-    ampkit.set_policy("aten::mm", "fp32", "cpu")
-    ampkit.set_policy("aten::relu", "lower_precision_fp", "cpu")
+    ampkit.set_policy("aten::mm", "cpu", "fp32")
+    ampkit.set_policy("aten::relu", "cpu", "lower_precision_fp")
     with ampkit.autocast("cpu"):
         with torch.autocast("cpu", dtype=torch.float16):
             assert torch.mm(a, b).dtype == torch.float32
@@ -635,8 +635,8 @@ def test_activation_checkpointing_gives_the_unchecked_grads(use_reentrant, backw
 def test_activation_checkpointing_recomputes_with_an_edited_table_when_backward_is_inside(use_reentrant):
     # Backward inside the region recomputes under ampkit's table (the autograd engine carries the
     # thread's dispatch state); see the README for backward outside with an edited table.
-    ampkit.set_policy("aten::layer_norm", "lower_precision_fp", "cpu")
-    ampkit.set_policy("aten::gelu", "fp32", "cpu")
+    ampkit.set_policy("aten::layer_norm", "cpu", "lower_precision_fp")
+    ampkit.set_policy("aten::gelu", "cpu", "fp32")
     unchecked = _checkpoint_grads(ampkit.autocast, None, True)
     checked = _checkpoint_grads(ampkit.autocast, use_reentrant, True)
     for g, u in zip(checked, unchecked):
@@ -723,7 +723,7 @@ def _compiled_dtypes(backend):
 
     call(ampkit.autocast("cpu", dtype=torch.bfloat16))
     call(ampkit.autocast("cpu", dtype=torch.float16))  # the dtype changed: Dynamo's guards see it
-    ampkit.set_policy("aten::mm", "fp32", "cpu")  # the table changed: compiled code is dropped
+    ampkit.set_policy("aten::mm", "cpu", "fp32")  # the table changed: compiled code is dropped
     out = call(ampkit.autocast("cpu", dtype=torch.float16))
     assert torch.equal(out, torch.mm(a, b).relu())
     call(torch.autocast("cpu", dtype=torch.float16))  # torch's region: torch's lists
@@ -747,7 +747,7 @@ def test_compile_caches_are_keyed_by_the_tables(tmp_path):
         """
         import sys, torch, ampkit
         if sys.argv[1] == "edit":
-            ampkit.set_policy("aten::mm", "fp32", "cpu")
+            ampkit.set_policy("aten::mm", "cpu", "fp32")
         f = torch.compile(lambda x, y: torch.mm(x, y) + 1, backend="inductor")
         with ampkit.autocast("cpu", dtype=torch.float16):
             print(f(torch.randn(8, 8), torch.randn(8, 8)).dtype)
@@ -762,8 +762,8 @@ def test_compile_caches_are_keyed_by_the_tables(tmp_path):
 
 
 def test_checkpoint_context_fn_recomputes_under_an_edited_table_when_backward_is_outside():
-    ampkit.set_policy("aten::layer_norm", "lower_precision_fp", "cpu")
-    ampkit.set_policy("aten::gelu", "fp32", "cpu")
+    ampkit.set_policy("aten::layer_norm", "cpu", "lower_precision_fp")
+    ampkit.set_policy("aten::gelu", "cpu", "fp32")
     unchecked = _checkpoint_grads(ampkit.autocast, None, False)
     with pytest.raises(torch.utils.checkpoint.CheckpointError):  # without it: torch's lists in the recompute
         _checkpoint_grads(ampkit.autocast, False, False)
@@ -776,7 +776,7 @@ def test_checkpoint_context_fn_recomputes_under_an_edited_table_when_backward_is
 def test_a_region_inside_a_compiled_function_runs_eagerly_and_correctly(backend):
     torch._dynamo.reset()
     a, b = torch.randn(8, 8), torch.randn(8, 8)
-    ampkit.set_policy("aten::relu", "fp32", "cpu")
+    ampkit.set_policy("aten::relu", "cpu", "fp32")
 
     @torch.compile(backend=backend)
     def f(x, y):

@@ -20,12 +20,12 @@ def test_default_tables_equal_torch_registrations(device):
 
 
 def test_get_set_remove_reset():
-    assert ampkit.get_policy("aten::mm", "cpu") == CastPolicy.LOWER_PRECISION_FP
+    assert ampkit.get_policy("aten::mm", "cpu") == CastPolicy.lower_precision_fp
     assert ampkit.get_policy("aten::relu", "cpu") is None
-    ampkit.set_policy("aten::relu", CastPolicy.FP32, "cpu")
-    ampkit.set_policy("aten::gelu", "lower_precision_fp", "cpu")  # names are accepted too
-    assert ampkit.list_policies("cpu")["aten::relu"] == CastPolicy.FP32
-    assert ampkit.get_policy("aten::gelu", "cpu") == CastPolicy.LOWER_PRECISION_FP
+    ampkit.set_policy("aten::relu", "cpu", CastPolicy.fp32)
+    ampkit.set_policy("aten::gelu", "cpu", "lower_precision_fp")  # names are accepted too
+    assert ampkit.list_policies("cpu")["aten::relu"] == CastPolicy.fp32
+    assert ampkit.get_policy("aten::gelu", "cpu") == CastPolicy.lower_precision_fp
     assert ampkit.get_policy("aten::relu", "cuda") is None
     assert ampkit.remove_policy("aten::relu", "cpu") is True
     assert ampkit.remove_policy("aten::relu", "cpu") is False
@@ -38,15 +38,15 @@ def test_edits_take_effect():
     x = torch.randn(8, dtype=torch.bfloat16)
     with ampkit.autocast("cpu"):
         assert torch.relu(x).dtype == torch.bfloat16
-        ampkit.set_policy("aten::relu", "fp32", "cpu")
+        ampkit.set_policy("aten::relu", "cpu", "fp32")
         out = torch.relu(x)
         assert out.dtype == torch.float32
         assert torch.equal(out, torch.relu(x.float()))
         ampkit.remove_policy("aten::mm", "cpu")
         assert torch.mm(a, b).dtype == torch.float32
-        ampkit.set_policy("aten::softmax.int", "fp32_set_opt_dtype", "cpu")
+        ampkit.set_policy("aten::softmax.int", "cpu", "fp32_set_opt_dtype")
         assert torch.softmax(x, 0).dtype == torch.float32
-        ampkit.set_policy("aten::addcmul", "promote", "cpu")
+        ampkit.set_policy("aten::addcmul", "cpu", "promote")
         assert torch.addcmul(x, x, torch.randn(8)).dtype == torch.float32
     with torch.autocast("cpu"):  # torch's own autocast is not affected by ampkit's table
         assert torch.mm(a, b).dtype == torch.bfloat16
@@ -59,7 +59,7 @@ def test_custom_op_gets_a_policy():
     x = torch.randn(4)
     with ampkit.autocast("cpu"):
         assert torch.ops.ampkit_pytest.twice(x).dtype == torch.float32
-    ampkit.set_policy("ampkit_pytest::twice", "lower_precision_fp", "cpu")
+    ampkit.set_policy("ampkit_pytest::twice", "cpu", "lower_precision_fp")
     with ampkit.autocast("cpu"):
         out = torch.ops.ampkit_pytest.twice(x)
     assert out.dtype == torch.bfloat16
@@ -86,13 +86,14 @@ def test_custom_op_gets_a_policy():
 def test_refused_edits_leave_tables_unchanged(op, policy, device, exc, message):
     before = {d: ampkit.list_policies(d) for d in ("cpu", "cuda")}
     with pytest.raises(exc, match=message.replace("(", r"\(").replace(".", r"\.")):
-        ampkit.set_policy(op, policy, device)
+        ampkit.set_policy(op, device, policy)
     assert {d: ampkit.list_policies(d) for d in ("cpu", "cuda")} == before
 
 
 def test_policy_enum_members():
+    # The C++ enum's spelling (torch's at::autocast::CastPolicy).
     assert set(CastPolicy.__members__) == {
-        "LOWER_PRECISION_FP", "FP32", "FP32_SET_OPT_DTYPE", "FP32_APPEND_DTYPE", "PROMOTE", "BANNED"}
+        "lower_precision_fp", "fp32", "fp32_set_opt_dtype", "fp32_append_dtype", "promote", "banned"}
 
 
 REDEFINE = r"""
@@ -101,8 +102,8 @@ x = torch.randn(4)
 lib = torch.library.Library("pyredef", "DEF")
 lib.define("f(Tensor a, Tensor b, Tensor[] c, ScalarType? dtype=None) -> Tensor")
 lib.impl("f", lambda a, b, c, dtype=None: a + b, "CompositeExplicitAutograd")
-ampkit.set_policy("pyredef::f", "lower_precision_fp", "cpu")
-ampkit.set_policy("pyredef::f", "fp32_set_opt_dtype", "cuda")
+ampkit.set_policy("pyredef::f", "cpu", "lower_precision_fp")
+ampkit.set_policy("pyredef::f", "cuda", "fp32_set_opt_dtype")
 with ampkit.autocast("cpu"):
     assert torch.ops.pyredef.f(x, x, [x]).dtype == torch.bfloat16
     lib._destroy(); del lib; gc.collect()
@@ -114,7 +115,7 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     with ampkit.autocast("cpu"):
         assert torch.equal(torch.ops.pyredef.f(x), x.bfloat16() * 2)
-assert ampkit.get_policy("pyredef::f", "cpu") == ampkit.CastPolicy.LOWER_PRECISION_FP
+assert ampkit.get_policy("pyredef::f", "cpu") == ampkit.CastPolicy.lower_precision_fp
 assert ampkit.get_policy("pyredef::f", "cuda") is None
 assert any("dropped the fp32_set_opt_dtype policy of 'pyredef::f' on cuda" in str(w.message) for w in caught)
 print("OK")
