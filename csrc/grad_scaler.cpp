@@ -1,6 +1,7 @@
 #include <ampkit/grad_scaler.h>
 
 #include "grad_scaler_detail.h"
+#include "tensor_groups.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -20,14 +21,6 @@ namespace {
 // option that ends up in them must fit.
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 
-std::vector<at::Tensor> params_of(const torch::optim::Optimizer& optimizer) {
-  std::vector<at::Tensor> params;
-  for (const auto& group : optimizer.param_groups()) {
-    params.insert(params.end(), group.params().begin(), group.params().end());
-  }
-  return params;
-}
-
 // Sum of per-device found_inf tensors on \p device; nonzero iff any of them is.
 at::Tensor combine_found_infs(at::ArrayRef<at::Tensor> found_infs, const c10::Device& device) {
   at::Tensor combined = found_infs[0].to(device, /*non_blocking=*/true);
@@ -38,6 +31,9 @@ at::Tensor combine_found_infs(at::ArrayRef<at::Tensor> found_infs, const c10::De
 }
 
 }  // namespace
+
+using detail::params_of;
+using detail::PerDeviceCopies;
 
 void GradScalerOptions::validate() const { detail::validate_options(*this, /*check_init_scale=*/true); }
 
@@ -102,58 +98,33 @@ std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at
     TORCH_CHECK_VALUE(allow_fp16 || grad.scalar_type() != at::kHalf, "Attempting to unscale FP16 gradients.");
   }
 
-  struct Group {
-    c10::Device device;
-    at::ScalarType dtype;
-    std::vector<at::Tensor> grads;
-  };
-  std::vector<Group> groups;  // few (devices x dtypes): a linear search beats hashing
-  std::vector<c10::Device> devices;
   at::NoGradGuard no_grad;
+  std::vector<at::Tensor> to_unscale;
   for (const at::Tensor& param : params) {
     if (!param.grad().defined()) continue;
-    at::Tensor to_unscale;
     if (param.grad().is_sparse()) {
       // An uncoalesced sparse grad may hold several values for one index that only overflow
       // once summed; fp16 sums overflow easily, so coalesce (replacing the grad) and check the sum.
       if (param.grad().scalar_type() == at::kHalf) {
         param.mutable_grad() = param.grad().coalesce();
       }
-      to_unscale = param.grad()._values();
+      to_unscale.push_back(param.grad()._values());
     } else {
-      to_unscale = param.grad();
+      to_unscale.push_back(param.grad());
     }
-    const c10::Device device = to_unscale.device();
-    const at::ScalarType dtype = to_unscale.scalar_type();
-    Group* group = nullptr;
-    for (auto& g : groups) {
-      if (g.device == device && g.dtype == dtype) {
-        group = &g;
-        break;
-      }
-    }
-    if (group == nullptr) {
-      groups.push_back(Group{device, dtype, {}});
-      group = &groups.back();
-      if (std::find(devices.begin(), devices.end(), device) == devices.end()) devices.push_back(device);
-    }
-    group->grads.push_back(std::move(to_unscale));
   }
-
   // One found_inf and one inv_scale per device, copied from the masters on inv_scale's device,
   // as torch's _MultiDeviceReplicator does.
-  const at::Tensor found_inf_master = at::zeros({}, inv_scale.options());
-  std::vector<at::Tensor> found_infs;
-  std::vector<at::Tensor> inv_scales;
-  for (const auto& device : devices) {
-    found_infs.push_back(found_inf_master.to(device, /*non_blocking=*/true, /*copy=*/true));
-    inv_scales.push_back(device == inv_scale.device() ? inv_scale : inv_scale.to(device, /*non_blocking=*/true));
+  PerDeviceCopies found_infs(at::zeros({}, inv_scale.options()), /*always_copy=*/true);
+  PerDeviceCopies inv_scales(inv_scale);
+  for (const auto& group : group_by_device_and_dtype(to_unscale)) {
+    const c10::Device device = to_unscale[group.front()].device();
+    at::_amp_foreach_non_finite_check_and_unscale_(pick(to_unscale, group), found_infs.get(device),
+                                                   inv_scales.get(device));
   }
-  for (auto& group : groups) {
-    const size_t d = std::find(devices.begin(), devices.end(), group.device) - devices.begin();
-    at::_amp_foreach_non_finite_check_and_unscale_(group.grads, found_infs[d], inv_scales[d]);
-  }
-  return found_infs;
+  std::vector<at::Tensor> out;
+  for (const auto& kv : found_infs.copies()) out.push_back(kv.second);
+  return out;
 }
 
 GradScalerOptions options_from_state(const GradScalerState& state, const GradScalerOptions& current) {
@@ -244,16 +215,9 @@ std::vector<at::Tensor> GradScaler::scale(at::ArrayRef<at::Tensor> outputs) {
   std::vector<at::Tensor> scaled;
   if (outputs.empty()) return scaled;
   if (!scale_.defined()) lazy_init(outputs[0].device());
-  std::vector<std::pair<c10::Device, at::Tensor>> per_device;  // one copy of the scale per device
+  PerDeviceCopies scales(scale_);
   scaled.reserve(outputs.size());
-  for (const auto& t : outputs) {
-    auto it = std::find_if(per_device.begin(), per_device.end(), [&](const auto& p) { return p.first == t.device(); });
-    if (it == per_device.end()) {
-      per_device.emplace_back(t.device(), scale_.to(t.device(), /*non_blocking=*/true));
-      it = per_device.end() - 1;
-    }
-    scaled.push_back(t * it->second);
-  }
+  for (const auto& t : outputs) scaled.push_back(t * scales.get(t.device()));
   return scaled;
 }
 

@@ -1,6 +1,7 @@
 #include <ampkit/optim.h>
 
 #include "optim_detail.h"
+#include "tensor_groups.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -15,6 +16,10 @@
 #include <utility>
 
 namespace ampkit::optim {
+
+using ampkit::detail::group_by_device_and_dtype;
+using ampkit::detail::PerDeviceCopies;
+using ampkit::detail::pick;
 namespace {
 
 using torch::optim::OptimizerParamGroup;
@@ -87,42 +92,12 @@ const Options& options_of(const char* who, const OptimizerParamGroup& group, siz
 
 // Where GradScaler hands in one found_inf that is the sum over devices, the kernels want exactly
 // 0 or 1 (they compare with 1 to skip, and the step rollback subtracts it).
-at::Tensor per_device(std::vector<std::pair<c10::Device, at::Tensor>>& cache, const at::Tensor& t,
-                      const c10::Device& device, bool is_found_inf) {
-  if (!t.defined()) return t;
-  for (const auto& kv : cache) {
-    if (kv.first == device) return kv.second;
-  }
-  at::Tensor moved = t.to(device, /*non_blocking=*/true).reshape({});
-  if (is_found_inf) moved = moved.clamp_max(1.0);
-  cache.emplace_back(device, moved);
-  return moved;
+PerDeviceCopies found_inf_copies(const at::Tensor& found_inf) {
+  return PerDeviceCopies(found_inf, false, [](const at::Tensor& t) { return t.reshape({}).clamp_max(1.0); });
 }
 
-// Indices of tensors grouped by (device, dtype) of the params, in order of first appearance, as
-// torch's _group_tensors_by_device_and_dtype.
-std::vector<std::vector<size_t>> group_by_device_and_dtype(at::TensorList params) {
-  std::vector<std::pair<std::pair<c10::Device, c10::ScalarType>, std::vector<size_t>>> buckets;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto key = std::make_pair(params[i].device(), params[i].scalar_type());
-    auto it = std::find_if(buckets.begin(), buckets.end(), [&](const auto& b) { return b.first == key; });
-    if (it == buckets.end()) {
-      buckets.push_back({key, {}});
-      it = buckets.end() - 1;
-    }
-    it->second.push_back(i);
-  }
-  std::vector<std::vector<size_t>> out;
-  for (auto& b : buckets) out.push_back(std::move(b.second));
-  return out;
-}
-
-std::vector<at::Tensor> pick(at::TensorList list, const std::vector<size_t>& idx) {
-  std::vector<at::Tensor> out;
-  if (list.empty()) return out;
-  out.reserve(idx.size());
-  for (size_t i : idx) out.push_back(list[i]);
-  return out;
+PerDeviceCopies grad_scale_copies(const at::Tensor& grad_scale) {
+  return PerDeviceCopies(grad_scale, false, [](const at::Tensor& t) { return t.reshape({}); });
 }
 
 void check_list(const char* who, const char* name, at::TensorList list, at::TensorList params, bool state_step) {
@@ -595,7 +570,8 @@ void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp
   check_list(who, "state_steps", steps, params, true);
   if (params.empty()) return;
 
-  std::vector<std::pair<c10::Device, at::Tensor>> scales, infs;
+  auto scales = grad_scale_copies(grad_scale);
+  auto infs = found_inf_copies(found_inf);
   for (const auto& idx : group_by_device_and_dtype(params)) {
     const c10::Device device = params[idx[0]].device();
     const auto p = pick(params, idx);
@@ -604,8 +580,8 @@ void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp
     const auto v = pick(exp_avg_sqs, idx);
     const auto vmax = pick(max_exp_avg_sqs, idx);
     const auto s = pick(steps, idx);
-    const at::Tensor gs = per_device(scales, grad_scale, device, false);
-    const at::Tensor fi = per_device(infs, found_inf, device, true);
+    const at::Tensor gs = scales.get(device);
+    const at::Tensor fi = infs.get(device);
     const std::optional<at::Tensor> gs_opt = gs.defined() ? std::optional<at::Tensor>(gs) : std::nullopt;
     const std::optional<at::Tensor> fi_opt = fi.defined() ? std::optional<at::Tensor>(fi) : std::nullopt;
     // torch counts first and rolls the count back by found_inf afterwards, all on the device.
@@ -644,11 +620,12 @@ void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mome
                       momentum_buffers.size());
   }
   if (params.empty()) return;
-  std::vector<std::pair<c10::Device, at::Tensor>> scales, infs;
+  auto scales = grad_scale_copies(grad_scale);
+  auto infs = found_inf_copies(found_inf);
   for (const auto& idx : group_by_device_and_dtype(params)) {
     const c10::Device device = params[idx[0]].device();
-    const at::Tensor gs = per_device(scales, grad_scale, device, false);
-    const at::Tensor fi = per_device(infs, found_inf, device, true);
+    const at::Tensor gs = scales.get(device);
+    const at::Tensor fi = infs.get(device);
     const auto dtype = params[idx[0]].scalar_type();
     if (device.is_cpu() && h.momentum != 0 && (dtype == at::kHalf || dtype == at::kBFloat16)) {
       for (size_t i : idx) sgd_lowp_cpu_(params[i], grads[i], momentum_buffers[i], h, is_first_step, gs, fi);

@@ -4,6 +4,7 @@
 #include <ampkit/optim.h>
 
 #include "autocast_region.h"
+#include "tensor_groups.h"
 #include "trainer_detail.h"
 
 #include <ATen/ATen.h>
@@ -22,13 +23,7 @@ namespace {
 
 constexpr int64_t kFormatVersion = 1;
 
-std::vector<at::Tensor> params_of(const torch::optim::Optimizer& optimizer) {
-  std::vector<at::Tensor> params;
-  for (const auto& group : optimizer.param_groups()) {
-    params.insert(params.end(), group.params().begin(), group.params().end());
-  }
-  return params;
-}
+using detail::params_of;
 
 at::Tensor false_on(const c10::Device& device) {
   return at::zeros({}, at::TensorOptions().dtype(at::kBool).device(device));
@@ -273,30 +268,23 @@ at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm) {
                     "> 0, got ",
                     max_norm);
   at::NoGradGuard no_grad;
-  // Grads grouped by (device, dtype) in order of first appearance, as torch's
-  // _group_tensors_by_device_and_dtype: the order of the stacked norms decides the last bits.
-  std::vector<std::pair<std::pair<c10::Device, c10::ScalarType>, std::vector<at::Tensor>>> groups;
+  std::vector<at::Tensor> grads;
   for (const auto& p : params) {
-    const at::Tensor& g = p.grad();
-    if (!g.defined()) continue;
-    const auto key = std::make_pair(g.device(), g.scalar_type());
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& e) { return e.first == key; });
-    if (it == groups.end()) {
-      groups.push_back({key, {}});
-      it = groups.end() - 1;
-    }
-    it->second.push_back(g);
+    if (p.grad().defined()) grads.push_back(p.grad());
   }
-  if (groups.empty()) return at::zeros({});
-  const c10::Device first = groups.front().first.first;
+  if (grads.empty()) return at::zeros({});
+  // Grouped as torch's _group_tensors_by_device_and_dtype: the order of the stacked norms decides
+  // the last bits of the total.
+  const auto groups = group_by_device_and_dtype(grads);
+  const c10::Device first = grads.front().device();
   std::vector<at::Tensor> norms;
   for (const auto& g : groups) {
-    for (auto& n : at::_foreach_norm(g.second, 2)) norms.push_back(n.to(first));
+    for (auto& n : at::_foreach_norm(pick(grads, g), 2)) norms.push_back(n.to(first));
   }
   const at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
   // Python's `max_norm / tensor` is tensor.reciprocal() * max_norm: same op order, same bits.
   const at::Tensor coef = at::clamp_max((total + 1e-6).reciprocal() * max_norm, 1.0);
-  for (auto& g : groups) at::_foreach_mul_(g.second, coef.to(g.first.first));
+  for (const auto& g : groups) at::_foreach_mul_(pick(grads, g), coef.to(grads[g.front()].device()));
   return total;
 }
 
