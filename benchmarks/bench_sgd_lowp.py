@@ -5,7 +5,10 @@ there (torch's CPU fused kernel misreads these buffers).
 Interleaved repeats, median wall time and process CPU time (all threads) per step, and minor page
 faults per step (temporaries that the allocator has to fault in).
 
-    python benchmarks/bench_sgd_lowp.py [--dtype bfloat16] [--numel 2500000] [--tensors 4] [--repeats 31] [--json PATH]
+    python benchmarks/bench_sgd_lowp.py [--dtype bfloat16 float16] [--numel 2500000] [--tensors 4] [--repeats 31] [--json PATH]
+
+The JSON records the CPU model and the vector extensions that pick ampkit's kernel copy (AVX-512,
+AVX2 with F16C, or the baseline).
 """
 import argparse
 import json
@@ -30,21 +33,46 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def cpu_flags():
+    """The vector extensions among /proc/cpuinfo's flags that decide which kernel copy runs."""
+    wanted = ("avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16"])
     p.add_argument("--numel", type=int, default=2_500_000)
     p.add_argument("--tensors", type=int, default=4)
     p.add_argument("--repeats", type=int, default=31)
     p.add_argument("--json")
     args = p.parse_args()
-    dtype = getattr(torch, args.dtype)
+    results = [run(getattr(torch, d), args) for d in args.dtype]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "numel": args.numel, "tensors": args.tensors,
+                       "repeats": args.repeats, "results": results}, f, indent=2)
+
+
+def run(dtype, args):
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(args.numel, generator=g).to(dtype) for _ in range(args.tensors)]
     grads = [torch.randn(args.numel, generator=g).to(dtype) for _ in range(args.tensors)]
     kwargs = dict(lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
     setups = {}
+    # "torch-control" is a second torch optimizer, identical to the first: its ratio to torch-foreach
+    # shows how far two runs of the same code differ here (the noise floor of the ampkit ratio).
     for name, make in (("torch-foreach", lambda ps: torch.optim.SGD(ps, foreach=True, **kwargs)),
+                       ("torch-control", lambda ps: torch.optim.SGD(ps, foreach=True, **kwargs)),
                        ("ampkit", lambda ps: ampkit.optim.SGD(ps, **kwargs))):
         params = [t.clone().requires_grad_() for t in base]
         for q, gr in zip(params, grads):
@@ -55,8 +83,7 @@ def main():
     samples = {n: {"wall_ms": [], "cpu_ms": [], "faults": []} for n in setups}
     for r in range(args.repeats):
         order = list(setups.items())
-        if r % 2:
-            order.reverse()
+        order = order[r % len(order):] + order[:r % len(order)]  # each goes first in turn
         for name, opt in order:
             faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, w0 = time.process_time(), time.perf_counter()
@@ -67,16 +94,14 @@ def main():
             samples[name]["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
     med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
     ratio = med["ampkit"]["wall_ms"] / med["torch-foreach"]["wall_ms"]
+    control = med["torch-control"]["wall_ms"] / med["torch-foreach"]["wall_ms"]
     print(f"CPU {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tensors} x "
-          f"{args.numel} {args.dtype}, SGD momentum 0.9 nesterov, median of {args.repeats}")
+          f"{args.numel} {dtype}, SGD momentum 0.9 nesterov, median of {args.repeats}")
     for n, m in med.items():
         print(f"{n:14s} wall {m['wall_ms']:8.2f} ms  cpu {m['cpu_ms']:8.2f} ms  page faults {m['faults']:8.0f}")
-    print(f"ampkit / torch-foreach (wall): {ratio:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "dtype": args.dtype, "numel": args.numel, "tensors": args.tensors, "repeats": args.repeats,
-                       "median": med, "ampkit_over_torch_foreach_wall": ratio}, f, indent=2)
+    print(f"ampkit / torch-foreach (wall): {ratio:.3f}   control: torch-control / torch-foreach {control:.3f}")
+    return {"dtype": str(dtype).split(".")[1], "median": med, "ampkit_over_torch_foreach_wall": ratio,
+            "control_over_torch_foreach_wall": control}
 
 
 if __name__ == "__main__":

@@ -499,42 +499,34 @@ void check_scale_tensor(const at::Tensor& t, const char* name) {
 // those dtypes take this kernel: torch's fused arithmetic in float32 (its opmath type), in the same
 // order of operations, one pass over each tensor. On the CPU the inf flag and the scale are read on
 // the host (no device to sync with) and a step to skip is not run at all.
-template <class T>
-void sgd_lowp_cpu_kernel(T* param, T* grad, T* buf, int64_t n, const SGDHyper& h, float lr, bool is_first_step,
-                         std::optional<float> grad_scale) {
-  const float momentum = static_cast<float>(h.momentum);
-  const float keep = static_cast<float>(1 - h.dampening);
-  const float weight_decay = static_cast<float>(h.weight_decay);
-  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float g = static_cast<float>(grad[i]);
-      if (grad_scale) {
-        g = g / *grad_scale;
-        grad[i] = static_cast<T>(g);  // the fused kernels leave the grads unscaled
-      }
-      if (h.maximize) g = -g;
-      const float p = static_cast<float>(param[i]);
-      if (h.weight_decay != 0) g = g + p * weight_decay;
-      const float b = is_first_step ? g : static_cast<float>(buf[i]) * momentum + g * keep;
-      buf[i] = static_cast<T>(b);
-      const float d = h.nesterov ? g + b * momentum : b;
-      param[i] = static_cast<T>(p - d * lr);
-    }
-  });
-}
-
 void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& buf, const SGDHyper& h,
                    bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
   if (found_inf.defined() && found_inf.item<float>() != 0.0f) return;
-  TORCH_CHECK_VALUE(param.is_contiguous() && grad.is_contiguous() && buf.is_contiguous(),
-                    "SGD: expected contiguous float16/bfloat16 parameters, gradients and momentum buffers on the CPU");
+  // The kernel walks memory linearly: a non-contiguous tensor is worked on through a copy.
+  const at::Tensor p = param.contiguous(), g = grad.contiguous(), b = buf.contiguous();
   const float lr = h.lr_tensor.defined() ? h.lr_tensor.item<float>() : static_cast<float>(h.lr);
   const std::optional<float> scale =
       grad_scale.defined() ? std::optional<float>(grad_scale.item<float>()) : std::nullopt;
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(param.scalar_type(), "ampkit_sgd_lowp_cpu", [&] {
-    sgd_lowp_cpu_kernel<scalar_t>(param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), buf.data_ptr<scalar_t>(),
-                                  param.numel(), h, lr, is_first_step, scale);
+  SgdLowpArgs args{lr,
+                   static_cast<float>(h.momentum),
+                   static_cast<float>(1 - h.dampening),
+                   static_cast<float>(h.weight_decay),
+                   scale.value_or(1.0f),
+                   scale.has_value(),
+                   h.maximize,
+                   h.nesterov,
+                   is_first_step};
+  at::parallel_for(0, p.numel(), 32768, [&](int64_t begin, int64_t end) {
+    if (p.scalar_type() == at::kBFloat16) {
+      sgd_lowp_range_bf16(p.data_ptr<c10::BFloat16>(), g.data_ptr<c10::BFloat16>(), b.data_ptr<c10::BFloat16>(), begin,
+                          end, args);
+    } else {
+      sgd_lowp_range_fp16(p.data_ptr<c10::Half>(), g.data_ptr<c10::Half>(), b.data_ptr<c10::Half>(), begin, end, args);
+    }
   });
+  if (!p.is_same(param)) param.copy_(p);
+  if (!g.is_same(grad) && args.unscale) grad.copy_(g);
+  if (!b.is_same(buf)) buf.copy_(b);
 }
 
 // torch's fused optimizers pass a CPU tensor lr as it is (the kernels read it) and copy one on

@@ -5,6 +5,10 @@
 #include <ampkit/optim.h>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
 
 namespace ampkit::optim {
 
@@ -47,6 +51,17 @@ struct SGDHyper {
 /// \p is_first_step sets the buffers to the grads instead of updating them.
 void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const SGDHyper& hyper,
                 bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf);
+
+/// The scalars of one fp16/bf16 SGD-with-momentum pass on the CPU (optim_lowp_kernels.cpp).
+struct SgdLowpArgs {
+  float lr, momentum, keep /* 1 - dampening */, weight_decay, grad_scale;
+  bool unscale, maximize, nesterov, first_step;
+};
+/// One pass over elements [begin, end) of contiguous tensors, in float32 opmath.
+void sgd_lowp_range_bf16(c10::BFloat16* param, c10::BFloat16* grad, c10::BFloat16* buf, int64_t begin, int64_t end,
+                         const SgdLowpArgs& args);
+void sgd_lowp_range_fp16(c10::Half* param, c10::Half* grad, c10::Half* buf, int64_t begin, int64_t end,
+                         const SgdLowpArgs& args);
 
 /// Throws c10::ValueError unless \p t is undefined or a 1-element float32 tensor.
 void check_scale_tensor(const at::Tensor& t, const char* name);

@@ -66,3 +66,15 @@ def test_grad_scaler_benchmark_runs(tmp_path):
                    check=True, capture_output=True, timeout=300)
     data = json.loads(out.read_text())
     assert data["elements"] == 100000 and data["ratio_of_medians"] > 0
+
+
+def test_sgd_lowp_benchmark_runs(tmp_path):
+    out = tmp_path / "s.json"
+    subprocess.run([sys.executable, os.path.join(BENCH, "bench_sgd_lowp.py"), "--numel", "1000", "--tensors", "2",
+                    "--repeats", "3", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    data = json.loads(out.read_text())
+    assert data["cpu"] and isinstance(data["cpu_flags"], list)
+    assert [r["dtype"] for r in data["results"]] == ["bfloat16", "float16"]
+    for r in data["results"]:
+        assert set(r["median"]) == {"torch-foreach", "torch-control", "ampkit"}
+        assert r["ampkit_over_torch_foreach_wall"] > 0 and r["control_over_torch_foreach_wall"] > 0

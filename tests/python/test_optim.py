@@ -199,6 +199,59 @@ def test_sgd_lowp_cpu_momentum_bitwise(dtype, kwargs):
         assert _bitwise([opt.state[p]["momentum_buffer"] for p in a], bufs)
 
 
+def _random_bits(n, dtype, gen):
+    """n values of dtype with uniformly random bit patterns: every exponent, subnormals, infs, NaNs."""
+    return torch.randint(-(2**15), 2**15, (n,), generator=gen, dtype=torch.int16).view(dtype)
+
+
+def _same_bits(actual, expected):
+    """Bit for bit, except that a NaN only has to be a NaN (torch's own conversions differ in payload)."""
+    nan = expected.isnan()
+    return torch.equal(actual.isnan(), nan) and torch.equal(
+        actual.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
+def check_sgd_lowp_every_bit_pattern(dtype):
+    """One SGD-with-momentum step on tensors of random bit patterns, several blocks long with a ragged
+    tail and split across threads, against the float32 reference. Run per instruction set below."""
+    gen = torch.Generator().manual_seed(11)
+    for kw in (dict(nesterov=True, weight_decay=0.01, dampening=0.0), dict(nesterov=False, weight_decay=0.0,
+                                                                           dampening=0.3, maximize=True)):
+        for n in (37_003, 5):
+            p0, g0, b0 = (_random_bits(n, dtype, gen) for _ in range(3))
+            p = p0.clone().requires_grad_()
+            p.grad = g0.clone()
+            opt = ao.SGD([p], lr=0.05, momentum=0.9, **kw)
+            opt.state[p]["momentum_buffer"] = b0.clone()
+            opt.step(grad_scale=torch.tensor(8.0), found_inf=torch.tensor(0.0))
+            rp, rg, rb = p0.clone(), g0.clone(), b0.clone()
+            _fused_sgd_reference(rp, rg, rb, 0.05, 0.9, kw["dampening"], kw["weight_decay"], kw["nesterov"],
+                                 kw.get("maximize", False), False, torch.tensor(8.0))
+            assert _same_bits(p.grad, rg), (dtype, kw, n, "grad")
+            assert _same_bits(opt.state[p]["momentum_buffer"], rb), (dtype, kw, n, "momentum_buffer")
+            assert _same_bits(p.detach(), rp), (dtype, kw, n, "param")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("capability", [None, "avx2", "default"])
+def test_sgd_lowp_cpu_every_instruction_set(dtype, capability, tmp_path):
+    """The kernel has one copy per instruction set (AVX-512, AVX2 with F16C, baseline) and picks one
+    at run time; ATEN_CPU_CAPABILITY lowers the pick, so each copy runs here in its own process
+    (a copy the CPU lacks falls back to the next one down)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if capability is not None:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import torch, test_optim; " \
+           f"test_optim.check_sgd_lowp_every_bit_pattern(torch.{str(dtype).split('.')[1]})"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("cls", [ao.Adam, ao.AdamW])
 def test_adam_skipped_step_leaves_every_state_unchanged(cls):
     params = [p.requires_grad_() for p in _params("cpu", torch.float32)]
