@@ -310,6 +310,7 @@ AutocastRegionPtr enter_autocast(c10::DeviceType device_type, c10::ScalarType dt
   // A disabled region leaves the key as it was: it costs nothing, and an enclosing ampkit region
   // stays in charge. Device types without a table get torch's region alone: torch's lists apply.
   region->sets_key = enabled && policy_device_index(device_type) >= 0;
+  if (region->sets_key) ensure_armed(device_type);
   tls.regions.reserve(tls.regions.size() + 1);  // the push below cannot throw after the state changed
 
   // torch.autocast's __enter__, step by step, so that torch sees the region ...

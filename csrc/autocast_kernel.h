@@ -62,6 +62,7 @@ struct OpEntry {
   const c10::OperatorHandle handle;
   std::array<std::atomic<std::int8_t>, kNumPolicyDevices> policy;
   std::atomic<const OpSignature*> signature;
+  bool registered = false;  // its kernel is on ampkit's key (guarded by the registry's mutex)
 };
 
 // torch's own autocast keys for the device types ampkit has tables for. While ampkit's kernel
@@ -105,6 +106,15 @@ std::optional<torch::CppFunction> unboxed_kernel_for(const OpEntry& entry);
 // Registers the fallthrough fallback and the default tables on first use; throws if another
 // library (a PrivateUse1 backend) already owns the key.
 void ensure_initialized();
+
+// Registers ampkit's kernels for the operators of \p device_type's table (and of its defaults), once
+// per process; called when a region of that device type is entered, and by edits of its table.
+// Until then a region of another device type costs nothing for the ops only this table lists: one
+// dispatch key serves every device type, so a registered kernel is entered by every call made
+// while any ampkit region is open. Unarmed, an op of a default table that torch's own autocast of
+// that device type handles (a torch region nested in an ampkit one) gets torch's kernel, which does
+// what the default table says.
+void ensure_armed(c10::DeviceType device_type);
 
 // The boxed kernel body of every table op (autocast.cpp).
 void run_autocast_kernel(const OpEntry& entry, const c10::OperatorHandle& op, c10::DispatchKeySet keys,

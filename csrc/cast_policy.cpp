@@ -242,6 +242,8 @@ struct Registry {
   std::unordered_map<std::string, OpEntry*> index;
   std::atomic<bool> stale{false};  // some entry's schema changed: rebuild before the next use
   std::optional<c10::RegistrationHandleRAII> listener;
+  // Device types whose table's kernels are registered (see ensure_armed); set under `mutex`.
+  std::array<std::atomic<bool>, kNumPolicyDevices> armed{};
 };
 
 // Never destroyed: the registered kernels and libraries must outlive every op call, also
@@ -291,7 +293,16 @@ OpEntry& entry_for(Registry& r, const std::string& op, const c10::OperatorHandle
   if (it != r.by_name.end()) return *it->second;
   OpEntry& e = r.entries.emplace_back(op, handle);
   publish_signature(r, e, handle.schema(), false);
-  const auto& name = handle.operator_name();
+  r.by_name.emplace(op, &e);
+  std::lock_guard<std::mutex> lock(r.index_mutex);
+  r.index.emplace(op, &e);
+  return e;
+}
+
+// Puts ampkit's kernel for \p e's operator on ampkit's key (once; never removed, see OpEntry).
+void register_kernel(Registry& r, OpEntry& e) {
+  if (e.registered) return;
+  const auto& name = e.handle.operator_name();
   const std::string ns = name.name.substr(0, name.name.find("::"));
   auto& lib = r.libraries[ns];
   if (!lib) lib = std::make_unique<torch::Library>(torch::Library::IMPL, ns, kAutocastKey, __FILE__, __LINE__);
@@ -301,10 +312,7 @@ OpEntry& entry_for(Registry& r, const std::string& op, const c10::OperatorHandle
   auto kernel = unboxed_kernel_for(e);
   lib->impl(local.c_str(), kernel ? std::move(*kernel)
                                   : torch::CppFunction::makeFromBoxedFunctor(std::make_unique<AutocastKernel>(&e)));
-  r.by_name.emplace(op, &e);
-  std::lock_guard<std::mutex> lock(r.index_mutex);
-  r.index.emplace(op, &e);
-  return e;
+  e.registered = true;
 }
 
 // Gives \p e a signature with the dtype overload, for a policy fp32_append_dtype about to be stored.
@@ -371,6 +379,19 @@ void apply_table(Registry& r, int device, const PolicyMap& table) {
     store_policy(e, device, it == table.end() ? std::nullopt : std::optional<CastPolicy>(it->second));
   }
   r.tables[device] = table;
+  if (r.armed[device].load(std::memory_order_relaxed)) {
+    for (const auto& [op, policy] : table) register_kernel(r, *r.by_name.at(op));
+  }
+}
+
+// Registers the kernels of every operator of \p device's table and of its defaults (an op removed
+// from the defaults needs ampkit's kernel too: it hides torch's, which would cast it).
+void arm_locked(Registry& r, int device) {
+  if (r.armed[device].load(std::memory_order_relaxed)) return;
+  for (const PolicyMap* table : std::array<const PolicyMap*, 2>{&r.tables[device], &defaults(device)}) {
+    for (const auto& [op, policy] : *table) register_kernel(r, *r.by_name.at(op));
+  }
+  r.armed[device].store(true, std::memory_order_release);
 }
 
 void init_locked(Registry& r) {
@@ -401,6 +422,16 @@ int checked_device(c10::DeviceType device_type) {
 }  // namespace
 
 std::uint64_t policy_generation() { return generation.load(std::memory_order_relaxed); }
+
+void ensure_armed(c10::DeviceType device_type) {
+  const int d = policy_device_index(device_type);
+  if (d < 0) return;
+  auto& r = registry();
+  if (r.armed[d].load(std::memory_order_acquire)) return;
+  std::lock_guard<std::mutex> lock(r.mutex);
+  init_locked(r);
+  arm_locked(r, d);
+}
 
 void ensure_initialized() {
   auto& r = registry();
@@ -477,6 +508,10 @@ void set_policy(std::string_view op, c10::DeviceType device_type, CastPolicy pol
   if (target) ensure_append_target(r, e);
   r.tables[d][name] = policy;
   store_policy(e, d, policy);
+  // An edited table differs from torch's lists: its kernels must be there even for torch regions
+  // nested in ampkit ones, where no ampkit region of this device type was entered.
+  arm_locked(r, d);
+  register_kernel(r, e);
 }
 
 bool remove_policy(std::string_view op, c10::DeviceType device_type) {
@@ -487,6 +522,8 @@ bool remove_policy(std::string_view op, c10::DeviceType device_type) {
   init_locked(r);
   if (r.tables[d].erase(name) == 0) return false;
   store_policy(*r.by_name.at(name), d, std::nullopt);
+  arm_locked(r, d);  // as set_policy; the removed op's kernel keeps torch's from casting it
+  register_kernel(r, *r.by_name.at(name));
   return true;
 }
 

@@ -126,3 +126,65 @@ def test_an_operator_defined_again_with_fewer_arguments_is_safe():
     # In a subprocess: before the fix the kernel read below the argument stack (a crash).
     out = subprocess.run([sys.executable, "-c", REDEFINE], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "OK", out.stdout + out.stderr
+
+
+ARMING = r"""
+import torch, ampkit
+def has_kernel(op):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "AutocastPrivateUse1")
+cpu, cuda = set(ampkit.default_policies("cpu")), set(ampkit.default_policies("cuda"))
+cuda_only, cpu_only = sorted(cuda - cpu), sorted(cpu - cuda)
+assert cuda_only and cpu_only and "aten::softmax.int" in cuda_only
+assert not any(has_kernel(op) for op in cpu | cuda), "nothing is registered before a region"
+ampkit.list_policies("cpu"); ampkit.get_policy("aten::mm", "cuda")  # reading registers nothing
+assert not has_kernel("aten::mm")
+with ampkit.autocast("cpu", enabled=False):
+    pass
+assert not has_kernel("aten::mm"), "a disabled region registers nothing"
+with ampkit.autocast("cpu"):
+    assert torch.softmax(torch.randn(4, 4), 1).dtype == torch.float32
+assert all(has_kernel(op) for op in cpu)
+assert not any(has_kernel(op) for op in cuda_only), "a CPU region leaves the CUDA-only ops alone"
+# An edit of the CUDA table registers the whole table (and a removed default op keeps its kernel).
+ampkit.remove_policy("aten::softmax.int", "cuda")
+assert all(has_kernel(op) for op in cuda)
+ampkit.set_policy("aten::relu", "cuda", "fp32")
+assert has_kernel("aten::relu")
+with ampkit.autocast("cpu"):  # still correct after arming: CPU calls of CUDA-only ops pass
+    x = torch.randn(4, 4)
+    assert torch.equal(torch.softmax(x, 1), torch.softmax(x, 1))
+    assert torch.relu(x).dtype == torch.float32 and torch.mm(x, x).dtype == torch.bfloat16
+print("ok")
+"""
+
+
+def test_a_device_types_kernels_are_registered_when_its_first_region_is_entered():
+    # ampkit's one dispatch key serves every device type: a registered kernel is entered by every
+    # call made in any ampkit region. Registering a table's kernels only once a region of its device
+    # type is entered (or the table edited) keeps a CPU region free of cost for CUDA-only ops.
+    # A subprocess: registration is once per process.
+    out = subprocess.run([sys.executable, "-c", ARMING], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+UNARMED_TORCH_REGION = r"""
+import torch, ampkit
+# Only a CUDA region was entered: the CPU table's kernels are not registered. A torch CPU region
+# nested in it gets torch's own kernels for the CPU-only ops, which do what the default table says.
+a = torch.randn(8, 8)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    want = (torch.mm(a, a), torch.avg_pool3d(a.view(1, 1, 4, 4, 4), 2), torch.cat([a, a.bfloat16()]))
+with ampkit.autocast("cuda"):
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("aten::avg_pool3d", "AutocastPrivateUse1")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (torch.mm(a, a), torch.avg_pool3d(a.view(1, 1, 4, 4, 4), 2), torch.cat([a, a.bfloat16()]))
+for w, g in zip(want, got):
+    assert w.dtype == g.dtype and torch.equal(w, g), (w.dtype, g.dtype)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_torch_region_nested_in_a_region_of_another_device_type_matches_torch():
+    out = subprocess.run([sys.executable, "-c", UNARMED_TORCH_REGION], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
