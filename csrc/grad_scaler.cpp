@@ -79,6 +79,14 @@ void check_new_scale(double new_scale, const GradScalerOptions& o) {
                     o.min_scale(), ", ", o.max_scale(), "], got ", new_scale);
 }
 
+namespace {
+void check_inv_scale(const at::Tensor& inv_scale) {
+  TORCH_CHECK_VALUE(inv_scale.defined() && inv_scale.numel() == 1 && inv_scale.scalar_type() == at::kFloat,
+                    "unscale_grads_: expected inv_scale to be a 1-element float32 tensor, got ",
+                    inv_scale.defined() ? inv_scale.toString() : std::string("an undefined tensor"));
+}
+}  // namespace
+
 at::Tensor reciprocal_scale(const at::Tensor& scale) {
   // float32 division can be inexact under some compile options; torch takes the reciprocal in
   // float64, and matching it keeps unscaled grads bitwise equal to torch's.
@@ -86,10 +94,8 @@ at::Tensor reciprocal_scale(const at::Tensor& scale) {
 }
 
 std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale, bool allow_fp16) {
-  TORCH_CHECK_VALUE(inv_scale.defined() && inv_scale.numel() == 1 && inv_scale.scalar_type() == at::kFloat,
-                    "unscale_grads_: expected inv_scale to be a 1-element float32 tensor, got ",
-                    inv_scale.defined() ? inv_scale.toString() : std::string("an undefined tensor"));
   // Validate everything before touching any grad, so that a throw changes nothing.
+  check_inv_scale(inv_scale);
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].defined(),
                       "unscale_grads_: expected defined parameters, got an undefined one at index ", i);
@@ -97,34 +103,62 @@ std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at
     if (!grad.defined()) continue;
     TORCH_CHECK_VALUE(allow_fp16 || grad.scalar_type() != at::kHalf, "Attempting to unscale FP16 gradients.");
   }
-
-  at::NoGradGuard no_grad;
-  std::vector<at::Tensor> to_unscale;
+  std::vector<at::Tensor> grads;
   for (const at::Tensor& param : params) {
     if (!param.grad().defined()) continue;
-    if (param.grad().is_sparse()) {
-      // An uncoalesced sparse grad may hold several values for one index that only overflow
-      // once summed; fp16 sums overflow easily, so coalesce (replacing the grad) and check the sum.
-      if (param.grad().scalar_type() == at::kHalf) {
-        param.mutable_grad() = param.grad().coalesce();
-      }
-      to_unscale.push_back(param.grad()._values());
-    } else {
-      to_unscale.push_back(param.grad());
+    // An uncoalesced sparse grad may hold several values for one index that only overflow once
+    // summed; fp16 sums overflow easily, so coalesce (replacing the grad) and check the sum.
+    if (param.grad().is_sparse() && param.grad().scalar_type() == at::kHalf) {
+      at::NoGradGuard no_grad;
+      param.mutable_grad() = param.grad().coalesce();
+    }
+    grads.push_back(param.grad());
+  }
+  // One found_inf per device, copied from a zero on inv_scale's device, as torch's
+  // _MultiDeviceReplicator makes them.
+  PerDeviceCopies found_infs(at::zeros({}, inv_scale.options()), /*always_copy=*/true);
+  for (const auto& grad : grads) found_infs.get(grad.device());
+  std::vector<at::Tensor> out;
+  for (const auto& kv : found_infs.copies()) out.push_back(kv.second);
+  unscale_grad_list_(grads, out, inv_scale, allow_fp16);
+  return out;
+}
+
+void unscale_grad_list_(at::TensorList grads, at::TensorList found_infs, const at::Tensor& inv_scale, bool allow_fp16) {
+  check_inv_scale(inv_scale);
+  for (size_t i = 0; i < found_infs.size(); ++i) {
+    const at::Tensor& f = found_infs[i];
+    TORCH_CHECK_VALUE(f.defined() && f.numel() == 1 && f.scalar_type() == at::kFloat,
+                      "unscale_grads_: expected found_infs[", i, "] to be a 1-element float32 tensor, got ",
+                      f.defined() ? f.toString() : std::string("an undefined tensor"));
+    for (size_t j = 0; j < i; ++j) {
+      TORCH_CHECK_VALUE(found_infs[j].device() != f.device(), "unscale_grads_: expected one found_inf per device, got ",
+                        f.device(), " at indices ", j, " and ", i);
     }
   }
-  // One found_inf and one inv_scale per device, copied from the masters on inv_scale's device,
-  // as torch's _MultiDeviceReplicator does.
-  PerDeviceCopies found_infs(at::zeros({}, inv_scale.options()), /*always_copy=*/true);
+  const auto found_inf_on = [&](const c10::Device& device) -> const at::Tensor* {
+    for (const auto& f : found_infs) {
+      if (f.device() == device) return &f;
+    }
+    return nullptr;
+  };
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK_VALUE(grads[i].defined(), "unscale_grads_: expected defined grads, got an undefined one at index ", i);
+    TORCH_CHECK_VALUE(allow_fp16 || grads[i].scalar_type() != at::kHalf, "Attempting to unscale FP16 gradients.");
+    TORCH_CHECK_VALUE(found_inf_on(grads[i].device()) != nullptr, "unscale_grads_: expected a found_inf on ",
+                      grads[i].device(), " (the device of grads[", i, "]), got none");
+  }
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> to_unscale;
+  to_unscale.reserve(grads.size());
+  for (const at::Tensor& grad : grads) to_unscale.push_back(grad.is_sparse() ? grad._values() : grad);
+  // One inv_scale per device, copied from the master, as torch's _MultiDeviceReplicator does.
   PerDeviceCopies inv_scales(inv_scale);
   for (const auto& group : group_by_device_and_dtype(to_unscale)) {
     const c10::Device device = to_unscale[group.front()].device();
-    at::_amp_foreach_non_finite_check_and_unscale_(pick(to_unscale, group), found_infs.get(device),
-                                                   inv_scales.get(device));
+    at::Tensor found_inf = *found_inf_on(device);  // a handle: the kernel writes into the caller's tensor
+    at::_amp_foreach_non_finite_check_and_unscale_(pick(to_unscale, group), found_inf, inv_scales.get(device));
   }
-  std::vector<at::Tensor> out;
-  for (const auto& kv : found_infs.copies()) out.push_back(kv.second);
-  return out;
 }
 
 GradScalerOptions options_from_state(const GradScalerState& state, const GradScalerOptions& current) {

@@ -25,6 +25,13 @@ at::Tensor reciprocal_scale(const at::Tensor& scale);
 /// Throws c10::ValueError on fp16 grads unless \p allow_fp16, before changing anything.
 std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale, bool allow_fp16);
 
+/// unscale_grads_ on the grads themselves (the operator ampkit::unscale_grads_): the caller has
+/// coalesced fp16 sparse grads and gives one 1-element float32 \p found_infs per device of the
+/// grads (any order), which are set to 1 where a grad holds inf/NaN and otherwise left as they
+/// are. Same checks as unscale_grads_, all made before anything changes.
+void unscale_grad_list_(at::TensorList grads, at::TensorList found_infs, const at::Tensor& inv_scale,
+                        bool allow_fp16);
+
 /// Throws c10::ValueError unless \p new_scale is finite and > 0 in float32 and within
 /// [min_scale, max_scale] of \p options.
 void check_new_scale(double new_scale, const GradScalerOptions& options);
@@ -42,6 +49,20 @@ GradScalerOptions options_from_state(const GradScalerState& state, const GradSca
 /// device. With hysteresis 1 the scale follows at::_amp_update_scale_ bit for bit, then the bounds.
 void update_scale_(at::Tensor& scale, at::Tensor& growth_tracker, at::Tensor& overflow_streak,
                    at::ArrayRef<at::Tensor> found_infs, const GradScalerOptions& options);
+
+/// The options of a scaler whose fields live elsewhere (the Python ampkit.GradScaler keeps them as
+/// attributes, torch's layout): the bindings and the operators pass them on through this.
+inline GradScalerOptions options_of(double init_scale, double growth_factor, double backoff_factor,
+                                    int64_t growth_interval, double min_scale, double max_scale, int64_t hysteresis) {
+  return GradScalerOptions()
+      .init_scale(init_scale)
+      .growth_factor(growth_factor)
+      .backoff_factor(backoff_factor)
+      .growth_interval(growth_interval)
+      .min_scale(min_scale)
+      .max_scale(max_scale)
+      .hysteresis(hysteresis);
+}
 }  // namespace detail
 
 }  // namespace ampkit

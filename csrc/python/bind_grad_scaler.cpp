@@ -6,61 +6,22 @@
 
 #include <pybind11/stl.h>
 
-#include <string>
-#include <vector>
+#include <optional>
 
 namespace ampkit::python {
-namespace {
 
-// ampkit.GradScaler keeps its options as Python attributes (torch's layout, so that code poking
-// at them keeps working); this rebuilds the C++ options object for the shared core.
-GradScalerOptions make_options(double init_scale, double growth_factor, double backoff_factor, int64_t growth_interval,
-                               double min_scale, double max_scale, int64_t hysteresis) {
-  return GradScalerOptions()
-      .init_scale(init_scale)
-      .growth_factor(growth_factor)
-      .backoff_factor(backoff_factor)
-      .growth_interval(growth_interval)
-      .min_scale(min_scale)
-      .max_scale(max_scale)
-      .hysteresis(hysteresis);
-}
-
-// A number from a state dict: Python int or float (bool is an int to Python, not to us).
-template <class T>
-std::optional<T> state_number(const py::dict& sd, const char* key, bool required) {
-  if (!sd.contains(key)) {
-    TORCH_CHECK_VALUE(!required, "GradScaler.load_state_dict: expected key '", key, "' in the state dict, got keys ",
-                      py::str(py::list(sd.attr("keys")())).cast<std::string>());
-    return std::nullopt;
-  }
-  const py::handle v = sd[key];
-  const bool is_int = py::isinstance<py::int_>(v) && !py::isinstance<py::bool_>(v);
-  if constexpr (std::is_same_v<T, double>) {
-    TORCH_CHECK_VALUE(is_int || py::isinstance<py::float_>(v), "GradScaler.load_state_dict: expected '", key,
-                      "' to be a float, got ", py::repr(v).cast<std::string>());
-    return v.cast<double>();
-  } else {
-    TORCH_CHECK_VALUE(is_int, "GradScaler.load_state_dict: expected '", key, "' to be an int, got ",
-                      py::repr(v).cast<std::string>());
-    int overflow = 0;
-    const long long value = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
-    TORCH_CHECK_VALUE(overflow == 0, "GradScaler.load_state_dict: expected '", key, "' to fit in 64 bits, got ",
-                      py::repr(v).cast<std::string>());
-    return static_cast<int64_t>(value);
-  }
-}
-
-}  // namespace
-
+// ampkit.GradScaler keeps its options as Python attributes (torch's layout, so that code poking at
+// them keeps working) and runs its numerics through the operators torch.ops.ampkit.unscale_grads_
+// and update_scale_ (csrc/ops.cpp). What is left here are the range checks, shared with the C++
+// GradScaler: each binding converts its arguments and calls one function.
 void bind_grad_scaler(py::module_& m) {
   m.def(
       "_check_grad_scaler_options",
       [](double init_scale, double growth_factor, double backoff_factor, int64_t growth_interval, double min_scale,
          double max_scale, int64_t hysteresis, bool check_init_scale) {
-        detail::validate_options(
-            make_options(init_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale, hysteresis),
-            check_init_scale);
+        detail::validate_options(detail::options_of(init_scale, growth_factor, backoff_factor, growth_interval,
+                                                    min_scale, max_scale, hysteresis),
+                                 check_init_scale);
       },
       py::arg("init_scale"), py::arg("growth_factor"), py::arg("backoff_factor"), py::arg("growth_interval"),
       py::arg("min_scale"), py::arg("max_scale"), py::arg("hysteresis"), py::arg("check_init_scale") = true,
@@ -69,25 +30,24 @@ void bind_grad_scaler(py::module_& m) {
 
   m.def(
       "_check_grad_scaler_state",
-      [](const py::dict& sd, double growth_factor, double backoff_factor, int64_t growth_interval, double min_scale,
-         double max_scale, int64_t hysteresis) {
-        GradScalerState state;
-        state.scale = *state_number<double>(sd, "scale", true);
-        state.growth_factor = *state_number<double>(sd, "growth_factor", true);
-        state.backoff_factor = *state_number<double>(sd, "backoff_factor", true);
-        state.growth_interval = *state_number<int64_t>(sd, "growth_interval", true);
-        state.growth_tracker = *state_number<int64_t>(sd, "_growth_tracker", true);
-        state.min_scale = state_number<double>(sd, "min_scale", false);
-        state.max_scale = state_number<double>(sd, "max_scale", false);
-        state.hysteresis = state_number<int64_t>(sd, "hysteresis", false);
-        state.overflow_streak = state_number<int64_t>(sd, "_overflow_streak", false);
+      [](double scale, double growth_factor, double backoff_factor, int64_t growth_interval, int64_t growth_tracker,
+         std::optional<double> min_scale, std::optional<double> max_scale, std::optional<int64_t> hysteresis,
+         std::optional<int64_t> overflow_streak, double current_growth_factor, double current_backoff_factor,
+         int64_t current_growth_interval, double current_min_scale, double current_max_scale,
+         int64_t current_hysteresis) {
         detail::options_from_state(
-            state, make_options(1.0, growth_factor, backoff_factor, growth_interval, min_scale, max_scale, hysteresis));
+            GradScalerState{scale, growth_factor, backoff_factor, growth_interval, growth_tracker, min_scale, max_scale,
+                            hysteresis, overflow_streak},
+            detail::options_of(1.0, current_growth_factor, current_backoff_factor, current_growth_interval,
+                               current_min_scale, current_max_scale, current_hysteresis));
       },
-      py::arg("state_dict"), py::arg("growth_factor"), py::arg("backoff_factor"), py::arg("growth_interval"),
-      py::arg("min_scale"), py::arg("max_scale"), py::arg("hysteresis"),
-      "Raises ValueError, naming the key, unless state_dict (ampkit's or torch.amp.GradScaler's) can be loaded into "
-      "a scaler with these options; absent ampkit keys keep these options.");
+      py::arg("scale"), py::arg("growth_factor"), py::arg("backoff_factor"), py::arg("growth_interval"),
+      py::arg("growth_tracker"), py::arg("min_scale"), py::arg("max_scale"), py::arg("hysteresis"),
+      py::arg("overflow_streak"), py::kw_only(), py::arg("current_growth_factor"), py::arg("current_backoff_factor"),
+      py::arg("current_growth_interval"), py::arg("current_min_scale"), py::arg("current_max_scale"),
+      py::arg("current_hysteresis"),
+      "Raises ValueError, naming the key, unless a state dict with these values (None: an absent ampkit key) can "
+      "be loaded into a scaler with the current options.");
 
   m.def(
       "_check_new_scale",
@@ -100,34 +60,6 @@ void bind_grad_scaler(py::module_& m) {
   m.def("_reciprocal_scale", &detail::reciprocal_scale, py::arg("scale"),
         "1 / scale in float64, rounded to float32, as torch.amp.GradScaler computes it.",
         py::call_guard<py::gil_scoped_release>());
-
-  m.def(
-      "_unscale_grads_",
-      [](const std::vector<at::Tensor>& params, const at::Tensor& inv_scale, bool allow_fp16) {
-        return detail::unscale_grads_(params, inv_scale, allow_fp16);
-      },
-      py::arg("params"), py::arg("inv_scale"), py::arg("allow_fp16"),
-      "Multiplies the grads of params by inv_scale in place, grouped by device and dtype; coalesces fp16 sparse "
-      "grads. Returns one found_inf tensor per device (1.0 where a grad held inf/NaN). Raises ValueError on fp16 "
-      "grads unless allow_fp16.",
-      py::call_guard<py::gil_scoped_release>());
-
-  m.def(
-      "_update_scale_",
-      [](at::Tensor& scale, at::Tensor& growth_tracker, at::Tensor& overflow_streak,
-         const std::vector<at::Tensor>& found_infs, double growth_factor, double backoff_factor,
-         int64_t growth_interval, double min_scale, double max_scale, int64_t hysteresis) {
-        // The scale is valid (it was checked when set); only the update parameters matter here.
-        const auto options =
-            make_options(min_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale, hysteresis);
-        detail::update_scale_(scale, growth_tracker, overflow_streak, found_infs, options);
-      },
-      py::arg("scale"), py::arg("growth_tracker"), py::arg("overflow_streak"), py::arg("found_infs"),
-      py::arg("growth_factor"), py::arg("backoff_factor"), py::arg("growth_interval"), py::arg("min_scale"),
-      py::arg("max_scale"), py::arg("hysteresis"),
-      "Updates scale, growth_tracker and overflow_streak in place on their device from the combined found_infs: "
-      "torch's _amp_update_scale_, then hysteresis and the [min_scale, max_scale] bounds. Never synchronizes.",
-      py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace ampkit::python

@@ -17,6 +17,7 @@ except ImportError as e:  # keep the cause: a missing symbol means a torch misma
         "`pip install --no-build-isolation .` from the ampkit source tree."
     ) from e
 
+from . import _ops  # noqa: F401  (fake kernels of torch.ops.ampkit, for torch.compile)
 from ._autocast import (
     autocast,
     is_autocast_enabled,

@@ -52,6 +52,27 @@ def _check_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def _state_number(state_dict: Mapping, key: str, kind: type, required: bool = True) -> Any:
+    """``state_dict[key]`` as ``kind`` (float: an int or a float; int: an int, not a bool, in 64
+    bits); None for an absent key that is not required. Raises ValueError naming the key."""
+    if key not in state_dict:
+        if required:
+            raise ValueError(f"GradScaler.load_state_dict: expected key '{key}' in the state dict, got keys "
+                             f"{list(state_dict.keys())}")
+        return None
+    value = state_dict[key]
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        if not (is_int or isinstance(value, float)):
+            raise ValueError(f"GradScaler.load_state_dict: expected '{key}' to be a float, got {value!r}")
+        return float(value)
+    if not is_int:
+        raise ValueError(f"GradScaler.load_state_dict: expected '{key}' to be an int, got {value!r}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"GradScaler.load_state_dict: expected '{key}' to fit in 64 bits, got {value!r}")
+    return value
+
+
 class GradScaler(torch.amp.GradScaler):
     """Dynamic loss scaling: ``torch.amp.GradScaler`` (a subclass of it), with extras.
 
@@ -145,9 +166,25 @@ class GradScaler(torch.amp.GradScaler):
         self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor, allow_fp16: bool
     ) -> Dict[torch.device, torch.Tensor]:
         # torch's split by device and dtype, in C++ (faster for many small grads). found_inf is
-        # torch's template for the per-device flags; the core makes them the same way.
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        return {t.device: t for t in _C._unscale_grads_(params, inv_scale, allow_fp16)}
+        # torch's template for the per-device flags, copied to each device as torch does.
+        grads, found_infs = [], {}
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    grad = param.grad
+                    if grad is None:
+                        continue
+                    # An uncoalesced sparse grad may hold several values for one index that only
+                    # overflow once summed (fp16 sums easily do): coalesce, replacing the grad, as
+                    # torch does. Without allow_fp16 the operator refuses fp16 grads instead.
+                    if allow_fp16 and grad.is_sparse and grad.dtype == torch.float16:
+                        param.grad = grad = grad.coalesce()
+                    grads.append(grad)
+                    device = grad.device
+                    if device not in found_infs:
+                        found_infs[device] = found_inf.to(device, copy=True)
+            torch.ops.ampkit.unscale_grads_(grads, list(found_infs.values()), inv_scale, allow_fp16)
+        return found_infs
 
     def _maybe_opt_step(self, optimizer, optimizer_state, *args: Any, **kwargs: Any):
         # torch's synchronizing path: one host read of the combined flag, as torch does.
@@ -266,10 +303,11 @@ class GradScaler(torch.amp.GradScaler):
                     "No inf checks were recorded prior to update(). Call step(optimizer) (or unscale_(optimizer)) "
                     "for at least one optimizer first."
                 )
-            _C._update_scale_(
+            torch.ops.ampkit.update_scale_(
                 scale, growth_tracker, self._overflow_streak, found_infs,
-                self._growth_factor, self._backoff_factor, self._growth_interval,
-                self._min_scale, self._max_scale, self._hysteresis,
+                growth_factor=self._growth_factor, backoff_factor=self._backoff_factor,
+                growth_interval=self._growth_interval, min_scale=self._min_scale, max_scale=self._max_scale,
+                hysteresis=self._hysteresis,
             )
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
 
@@ -401,8 +439,17 @@ class GradScaler(torch.amp.GradScaler):
                 "GradScaler."
             )
         _C._check_grad_scaler_state(
-            dict(state_dict), self._growth_factor, self._backoff_factor, self._growth_interval,
-            self._min_scale, self._max_scale, self._hysteresis,
+            _state_number(state_dict, "scale", float), _state_number(state_dict, "growth_factor", float),
+            _state_number(state_dict, "backoff_factor", float), _state_number(state_dict, "growth_interval", int),
+            _state_number(state_dict, "_growth_tracker", int),
+            # ampkit's own keys; absent from torch.amp.GradScaler's state dicts
+            _state_number(state_dict, "min_scale", float, required=False),
+            _state_number(state_dict, "max_scale", float, required=False),
+            _state_number(state_dict, "hysteresis", int, required=False),
+            _state_number(state_dict, "_overflow_streak", int, required=False),
+            current_growth_factor=self._growth_factor, current_backoff_factor=self._backoff_factor,
+            current_growth_interval=self._growth_interval, current_min_scale=self._min_scale,
+            current_max_scale=self._max_scale, current_hysteresis=self._hysteresis,
         )
 
     def __getstate__(self) -> Dict[str, Any]:

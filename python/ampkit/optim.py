@@ -1,9 +1,18 @@
 """ampkit.optim: fused, sync-free Adam, AdamW and SGD.
 
 Drop-ins for ``torch.optim.Adam/AdamW/SGD(fused=True)`` that give the same numbers bitwise (the
-same ATen kernels with the same arguments, run by ampkit's C++ core, the code that
-``ampkit::optim`` uses in C++), with one fix: SGD with momentum never reads an uninitialized
-momentum buffer after a first step that a GradScaler skipped (torch's fused SGD does).
+same ATen kernels with the same arguments, run by the operators ``torch.ops.ampkit.fused_adam_`` /
+``fused_sgd_``, the code that ``ampkit::optim`` uses in C++).
+
+What they add over torch's:
+
+* ``SGD``: bf16/fp16 parameters on the CPU get a one-pass kernel (torch's CPU fused SGD gives wrong
+  results for them, and its foreach path is slower); with momentum it never reads an uninitialized
+  momentum buffer after a first step that a GradScaler skipped (torch's fused SGD does).
+* ``Adam`` / ``AdamW``: nothing numerical. They are thin: torch's fused kernel through the same
+  operator as the C++ optimizers (so a model trained from C++ and from Python steps identically),
+  with option errors that name the option (ValueError). ``torch.optim.AdamW(fused=True)`` is an
+  equally good choice in Python.
 
 They are ``torch.optim.Optimizer`` subclasses, so ``param_groups`` (lr editable, LR schedulers),
 ``zero_grad``, ``state_dict`` / ``load_state_dict`` (torch's layout: float32 ``step`` tensors,
@@ -40,6 +49,13 @@ def _check_lr(who: str, lr: Any, check_value: bool) -> float:
                              f"shape {tuple(lr.shape)}")
         return float(lr.item()) if check_value else 0.0
     return _number(who, "lr", lr)
+
+
+def _overload(packet: Any, lr: Any) -> Any:
+    """The operator's overload for this lr: ``tensor_lr`` for a tensor, as torch's fused optimizers
+    accept one (named explicitly: overload resolution could turn a 1-element tensor into a float,
+    a host read)."""
+    return packet.tensor_lr if isinstance(lr, torch.Tensor) else packet.default
 
 
 def _lr_arg(lr: Any) -> Union[float, torch.Tensor]:
@@ -181,7 +197,7 @@ class _AdamBase(_FusedOptimizer):
         if not params:
             return
         beta1, beta2 = group["betas"]
-        _C._fused_adam_(
+        _overload(torch.ops.ampkit.fused_adam_, group["lr"])(
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
             lr=_lr_arg(group["lr"]), beta1=float(beta1), beta2=float(beta2),
             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), amsgrad=amsgrad,
@@ -193,14 +209,15 @@ class _AdamBase(_FusedOptimizer):
 
 
 class Adam(_AdamBase):
-    """Fused Adam: ``torch.optim.Adam(params, lr, betas, eps, weight_decay, amsgrad, maximize=...,
-    fused=True)`` with the same results. Raises ValueError for bad options (naming them), an empty
-    parameter list, sparse gradients or gradients that do not match their parameters."""
+    """Fused Adam, thin: ``torch.optim.Adam(params, lr, betas, eps, weight_decay, amsgrad,
+    maximize=..., fused=True)`` with the same results, through the operator the C++ ``ampkit::optim::
+    Adam`` runs. Raises ValueError for bad options (naming them), an empty parameter list, sparse
+    gradients or gradients that do not match their parameters."""
 
 
 class AdamW(_AdamBase):
-    """Fused AdamW (decoupled weight decay, default 1e-2): ``torch.optim.AdamW(..., fused=True)``
-    with the same results."""
+    """Fused AdamW (decoupled weight decay, default 1e-2), thin: ``torch.optim.AdamW(...,
+    fused=True)`` with the same results, through the operator the C++ ``ampkit::optim::AdamW`` runs."""
 
     _decoupled = True
     _name = "AdamW"
@@ -288,12 +305,13 @@ class SGD(_FusedOptimizer):
             weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"], maximize=group["maximize"],
             grad_scale=grad_scale, found_inf=found_inf,
         )
+        fused_sgd_ = _overload(torch.ops.ampkit.fused_sgd_, group["lr"])
         if params:
-            _C._fused_sgd_(params, grads, bufs, is_first_step=False, **kwargs)
+            fused_sgd_(params, grads, bufs, is_first_step=False, **kwargs)
             for p, buf in pending.items():
                 self.state[p]["momentum_buffer"] = buf
         if first_params:
-            _C._fused_sgd_(first_params, first_grads, first_bufs, is_first_step=True, **kwargs)
+            fused_sgd_(first_params, first_grads, first_bufs, is_first_step=True, **kwargs)
             if found_inf is None or not bool(found_inf.item()):  # the documented first-step sync
                 for p, buf in zip(first_params, first_bufs):
                     self.state[p]["momentum_buffer"] = buf

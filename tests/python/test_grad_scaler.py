@@ -214,13 +214,18 @@ def test_fp16_sparse_grads_are_coalesced_before_the_check():
         p.grad = torch.sparse_coo_tensor(torch.tensor([[0, 0]]), values, (3, 2), check_invariants=True)
         return p
 
-    found = ampkit._C._unscale_grads_([make()], torch.ones(()), True)
-    assert len(found) == 1 and found[0].item() == 1.0
-    ref = torch.amp.GradScaler("cpu")
-    ref._scale = torch.ones(())
+    for cls in (ampkit.GradScaler, torch.amp.GradScaler):
+        scaler = cls("cpu")
+        scaler._scale = torch.ones(())
+        p = make()
+        assert not p.grad.is_coalesced()
+        (found,) = scaler._unscale_grads_(torch.optim.SGD([p], lr=1.0), torch.ones(()), torch.zeros(()), True).values()
+        assert found.item() == 1.0 and p.grad.is_coalesced(), cls
+    # Without allow_fp16 the operator refuses them, before changing anything.
     p = make()
-    (found_ref,) = ref._unscale_grads_(torch.optim.SGD([p], lr=1.0), torch.ones(()), torch.zeros(()), True).values()
-    assert found_ref.item() == 1.0 and p.grad.is_coalesced()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        torch.ops.ampkit.unscale_grads_([p.grad], [torch.zeros(())], torch.ones(()), False)
+    assert not p.grad.is_coalesced() and p.grad._values().eq(40000.0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -346,10 +346,10 @@ def test_errors():
         ao.Adam([emb]).step()
     q = torch.zeros(4)
     with pytest.raises(ValueError, match="match its parameter"):
-        ampkit._C._fused_sgd_([q], [torch.zeros(4, dtype=torch.float64)], [], lr=0.1, momentum=0.0, dampening=0.0,
+        torch.ops.ampkit.fused_sgd_([q], [torch.zeros(4, dtype=torch.float64)], [], lr=0.1, momentum=0.0, dampening=0.0,
                               weight_decay=0.0, nesterov=False, maximize=False, is_first_step=False)
     with pytest.raises(ValueError, match="one tensor per parameter"):
-        ampkit._C._fused_sgd_([q], [], [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+        torch.ops.ampkit.fused_sgd_([q], [], [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                               maximize=False, is_first_step=False)
     assert torch.count_nonzero(q) == 0
     opt = ao.Adam([p])
