@@ -274,42 +274,49 @@ class GradScaler(torch.amp.GradScaler):
             return
         scale, growth_tracker = self._check_scale_growth_tracker("update")
         if new_scale is not None:
-            if isinstance(new_scale, numbers.Real) and not isinstance(new_scale, bool):
-                value = float(new_scale)
-                self._check_new_scale(value)
-                scale.fill_(value)
-            else:
-                if not (
-                    isinstance(new_scale, torch.Tensor)
-                    and new_scale.device.type == self._device
-                    and new_scale.numel() == 1
-                    and not new_scale.requires_grad
-                    and new_scale.is_floating_point()
-                ):
-                    raise _ArgumentError(
-                        f"GradScaler.update: expected new_scale to be a float or a 1-element floating tensor on "
-                        f"'{self._device}' with requires_grad=False, got {new_scale!r}"
-                    )
-                # One host read to check it: torch copies a NaN, inf or negative scale unchecked, and
-                # every later step is then skipped.
-                self._check_new_scale(float(new_scale.item()))
-                scale.copy_(new_scale.reshape(()))
+            self._set_scale(scale, new_scale)
         else:
-            found_infs = [
-                t for state in self._per_optimizer_states.values() for t in state["found_inf_per_device"].values()
-            ]
-            if not found_infs:  # AssertionError, as torch
-                raise AssertionError(
-                    "No inf checks were recorded prior to update(). Call step(optimizer) (or unscale_(optimizer)) "
-                    "for at least one optimizer first."
-                )
-            torch.ops.ampkit.update_scale_(
-                scale, growth_tracker, self._overflow_streak, found_infs,
-                growth_factor=self._growth_factor, backoff_factor=self._backoff_factor,
-                growth_interval=self._growth_interval, min_scale=self._min_scale, max_scale=self._max_scale,
-                hysteresis=self._hysteresis,
-            )
+            self._update_scale(scale, growth_tracker)
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+
+    def _set_scale(self, scale: torch.Tensor, new_scale: Union[float, torch.Tensor]) -> None:
+        """update(new_scale): the scale becomes new_scale, checked against the bounds."""
+        if isinstance(new_scale, numbers.Real) and not isinstance(new_scale, bool):
+            value = float(new_scale)
+            self._check_new_scale(value)
+            scale.fill_(value)
+            return
+        if not (
+            isinstance(new_scale, torch.Tensor)
+            and new_scale.device.type == self._device
+            and new_scale.numel() == 1
+            and not new_scale.requires_grad
+            and new_scale.is_floating_point()
+        ):
+            raise _ArgumentError(
+                f"GradScaler.update: expected new_scale to be a float or a 1-element floating tensor on "
+                f"'{self._device}' with requires_grad=False, got {new_scale!r}"
+            )
+        # One host read to check it: torch copies a NaN, inf or negative scale unchecked, and every
+        # later step is then skipped.
+        self._check_new_scale(float(new_scale.item()))
+        scale.copy_(new_scale.reshape(()))
+
+    def _update_scale(self, scale: torch.Tensor, growth_tracker: torch.Tensor) -> None:
+        """update(): back off, hold (hysteresis) or grow from the steps' found_inf flags, on the device."""
+        states = self._per_optimizer_states.values()
+        found_infs = [t for state in states for t in state["found_inf_per_device"].values()]
+        if not found_infs:  # AssertionError, as torch
+            raise AssertionError(
+                "No inf checks were recorded prior to update(). Call step(optimizer) (or unscale_(optimizer)) "
+                "for at least one optimizer first."
+            )
+        torch.ops.ampkit.update_scale_(
+            scale, growth_tracker, self._overflow_streak, found_infs,
+            growth_factor=self._growth_factor, backoff_factor=self._backoff_factor,
+            growth_interval=self._growth_interval, min_scale=self._min_scale, max_scale=self._max_scale,
+            hysteresis=self._hysteresis,
+        )
 
     def _check_new_scale(self, value: float) -> None:
         try:
