@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace ampkit {
@@ -39,9 +40,23 @@ void update_scale(const at::Tensor& scale, const at::Tensor& growth_tracker, con
       detail::options_of(min_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale, hysteresis));
 }
 
-optim::detail::AdamHyper adam_hyper(double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                                    bool maximize, bool decoupled_weight_decay) {
+// `Lr` is double (float lr) or const at::Tensor& (the tensor_lr overload), as torch's _fused_adam_.
+template <class Hyper, class Lr>
+void set_lr(Hyper& h, Lr lr) {
+  if constexpr (std::is_same_v<Lr, double>) {
+    h.lr = lr;
+  } else {
+    h.lr_tensor = lr;
+  }
+}
+
+template <class Lr>
+void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, Lr lr, double beta1, double beta2,
+                double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   optim::detail::AdamHyper h;
+  set_lr(h, lr);
   h.beta1 = beta1;
   h.beta2 = beta2;
   h.weight_decay = weight_decay;
@@ -49,21 +64,6 @@ optim::detail::AdamHyper adam_hyper(double beta1, double beta2, double weight_de
   h.amsgrad = amsgrad;
   h.maximize = maximize;
   h.decoupled_weight_decay = decoupled_weight_decay;
-  return h;
-}
-
-// `Lr` is double (float lr) or const at::Tensor& (the tensor_lr overload), as torch's _fused_adam_.
-template <class Lr>
-void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, Lr lr, double beta1, double beta2,
-                double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  auto h = adam_hyper(beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay);
-  if constexpr (std::is_same_v<Lr, double>) {
-    h.lr = lr;
-  } else {
-    h.lr_tensor = lr;
-  }
   optim::detail::fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, h,
                              or_undefined(grad_scale), or_undefined(found_inf));
 }
@@ -73,11 +73,7 @@ void fused_sgd(at::TensorList params, at::TensorList grads, at::TensorList momen
                double dampening, double weight_decay, bool nesterov, bool maximize, bool is_first_step,
                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   optim::detail::SGDHyper h;
-  if constexpr (std::is_same_v<Lr, double>) {
-    h.lr = lr;
-  } else {
-    h.lr_tensor = lr;
-  }
+  set_lr(h, lr);
   h.momentum = momentum;
   h.dampening = dampening;
   h.weight_decay = weight_decay;

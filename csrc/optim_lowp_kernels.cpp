@@ -181,6 +181,7 @@ Isa cpu_isa() {
 
 }  // namespace
 
+// One dispatcher per dtype (the same switch twice): each ISA copy is its own symbol per dtype.
 void sgd_lowp_range_bf16(c10::BFloat16* param, c10::BFloat16* grad, c10::BFloat16* buf, int64_t begin, int64_t end,
                          const SgdLowpArgs& args) {
 #if defined(AMPKIT_X86_DISPATCH)
