@@ -246,8 +246,10 @@ void fix_adam_state(const char* who, AdamParamState& s, const at::Tensor& p) {
 
 // ---- options ----
 
-void AdamOptions::validate() const { check_adam_like("Adam", lr(), eps(), weight_decay(), betas()); }
-void AdamWOptions::validate() const { check_adam_like("AdamW", lr(), eps(), weight_decay(), betas()); }
+template <bool D>
+void AdamFamilyOptions<D>::validate() const {
+  check_adam_like(kName, lr(), eps(), weight_decay(), betas());
+}
 
 void SGDOptions::validate() const {
   check_finite_nonneg("SGD", "lr", lr());
@@ -259,31 +261,28 @@ void SGDOptions::validate() const {
                     " and dampening ", dampening());
 }
 
-#define AMPKIT_SERIALIZE_ADAM_OPTIONS(Options)                                                                         \
-  void Options::serialize(torch::serialize::OutputArchive& archive) const {                                            \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);                                                                              \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);                                                                           \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);                                                                             \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);                                                                    \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);                                                                         \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);                                                                        \
-  }                                                                                                                    \
-  void Options::serialize(torch::serialize::InputArchive& archive) {                                                   \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);                                                                    \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);                                                                \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);                                                                   \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);                                                          \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);                                                                 \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);                                                                \
-  }                                                                                                                    \
-  bool operator==(const Options& a, const Options& b) {                                                                \
-    return a.lr() == b.lr() && a.betas() == b.betas() && a.eps() == b.eps() && a.weight_decay() == b.weight_decay() && \
-           a.amsgrad() == b.amsgrad() && a.maximize() == b.maximize();                                                 \
-  }
+template <bool D>
+void AdamFamilyOptions<D>::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+}
 
-AMPKIT_SERIALIZE_ADAM_OPTIONS(AdamOptions)
-AMPKIT_SERIALIZE_ADAM_OPTIONS(AdamWOptions)
-#undef AMPKIT_SERIALIZE_ADAM_OPTIONS
+template <bool D>
+void AdamFamilyOptions<D>::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
+}
+
+template struct AdamFamilyOptions<false>;
+template struct AdamFamilyOptions<true>;
 
 void SGDOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
@@ -354,49 +353,39 @@ void FusedOptimizer::step_scaled(const at::Tensor& grad_scale, const at::Tensor&
 
 // ---- Adam / AdamW ----
 
-Adam::Adam(const std::vector<OptimizerParamGroup>& param_groups, AdamOptions defaults)
-    : FusedOptimizer(param_groups, std::make_unique<AdamOptions>(defaults)) {
+template <class Options>
+AdamFamily<Options>::AdamFamily(const std::vector<OptimizerParamGroup>& param_groups, Options defaults)
+    : FusedOptimizer(param_groups, std::make_unique<Options>(defaults)) {
   restore_group_options(param_groups_, param_groups);
   defaults.validate();
-  check_has_params("Adam", param_groups_);
+  check_has_params(Options::kName, param_groups_);
   check_groups();
 }
-Adam::Adam(std::vector<at::Tensor> params, AdamOptions defaults)
-    : Adam({OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+template <class Options>
+AdamFamily<Options>::AdamFamily(std::vector<at::Tensor> params, Options defaults)
+    : AdamFamily({OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
-void Adam::check_groups() const { check_adam_groups<AdamOptions>("Adam", param_groups_); }
-void Adam::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
-  adam_family_step<AdamOptions>("Adam", *this, /*decoupled=*/false, grad_scale, found_inf);
+template <class Options>
+void AdamFamily<Options>::check_groups() const {
+  check_adam_groups<Options>(Options::kName, param_groups_);
 }
-void Adam::save(torch::serialize::OutputArchive& archive) const {
-  torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
+template <class Options>
+void AdamFamily<Options>::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  adam_family_step<Options>(Options::kName, *this, Options::kDecoupledWeightDecay, grad_scale, found_inf);
 }
-void Adam::load(torch::serialize::InputArchive& archive) {
-  load_optimizer<AdamParamState, AdamOptions>(
-      "Adam", *this, archive, [](AdamParamState& s, const at::Tensor& p) { fix_adam_state("Adam", s, p); });
+template <class Options>
+void AdamFamily<Options>::save(torch::serialize::OutputArchive& archive) const {
+  torch::optim::serialize<AdamParamState, Options>(archive, *this);
+}
+template <class Options>
+void AdamFamily<Options>::load(torch::serialize::InputArchive& archive) {
+  load_optimizer<AdamParamState, Options>(Options::kName, *this, archive, [](AdamParamState& s, const at::Tensor& p) {
+    fix_adam_state(Options::kName, s, p);
+  });
 }
 
-AdamW::AdamW(const std::vector<OptimizerParamGroup>& param_groups, AdamWOptions defaults)
-    : FusedOptimizer(param_groups, std::make_unique<AdamWOptions>(defaults)) {
-  restore_group_options(param_groups_, param_groups);
-  defaults.validate();
-  check_has_params("AdamW", param_groups_);
-  check_groups();
-}
-AdamW::AdamW(std::vector<at::Tensor> params, AdamWOptions defaults)
-    : AdamW({OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
-
-void AdamW::check_groups() const { check_adam_groups<AdamWOptions>("AdamW", param_groups_); }
-void AdamW::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
-  adam_family_step<AdamWOptions>("AdamW", *this, /*decoupled=*/true, grad_scale, found_inf);
-}
-void AdamW::save(torch::serialize::OutputArchive& archive) const {
-  torch::optim::serialize<AdamParamState, AdamWOptions>(archive, *this);
-}
-void AdamW::load(torch::serialize::InputArchive& archive) {
-  load_optimizer<AdamParamState, AdamWOptions>(
-      "AdamW", *this, archive, [](AdamParamState& s, const at::Tensor& p) { fix_adam_state("AdamW", s, p); });
-}
+template class AdamFamily<AdamOptions>;
+template class AdamFamily<AdamWOptions>;
 
 // ---- SGD ----
 
