@@ -76,6 +76,9 @@ extern template struct AdamFamilyOptions<true>;
 
 /// Options of SGD, with torch.optim.SGD's defaults (lr 1e-3 as in torch >= 2.1).
 struct SGDOptions : public torch::optim::OptimizerCloneableOptions<SGDOptions> {
+  /// The optimizer's name, as error messages give it.
+  static constexpr const char* kName = "SGD";
+
   SGDOptions(double lr = 1e-3) : lr_(lr) {}
   TORCH_ARG(double, lr) = 1e-3;
   TORCH_ARG(double, momentum) = 0;
@@ -123,7 +126,9 @@ struct SGDParamState : public torch::optim::OptimizerCloneableParamState<SGDPara
 /// Param groups: a group given with options of this optimizer's type keeps them exactly as given
 /// (torch::optim merges unset fields from the defaults only for its own option types); a group
 /// without options takes the defaults. Group options are checked at construction and before every
-/// step (an edited lr < 0 throws c10::ValueError, nothing changed).
+/// step (an edited lr < 0 throws c10::ValueError, nothing changed), and so is every parameter with a
+/// grad and its grad (errors name the group and the index in it). The per-parameter state is the
+/// optimizer's own (made at the first step, or checked by load()) and is not checked again.
 class FusedOptimizer : public torch::optim::Optimizer, public ScaleAwareOptimizer {
  public:
   using torch::optim::Optimizer::Optimizer;
@@ -138,10 +143,13 @@ class FusedOptimizer : public torch::optim::Optimizer, public ScaleAwareOptimize
   void step_scaled(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
 
  protected:
-  /// The update itself; arguments already validated.
+  /// The update itself. step_scaled() has checked everything first (the scale tensors, every
+  /// group's options, every parameter with a grad and its grad), so a bad argument changes nothing.
   virtual void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) = 0;
   /// Throws c10::ValueError unless every group's options are of this optimizer's type and valid.
   virtual void check_groups() const = 0;
+  /// "Adam", "AdamW", "SGD": the name error messages start with.
+  virtual const char* name() const = 0;
 };
 
 /// Adam and AdamW, written once; \p Options (AdamOptions or AdamWOptions) decides the weight
@@ -161,6 +169,7 @@ class AdamFamily : public FusedOptimizer {
  protected:
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
+  const char* name() const override;
 };
 extern template class AdamFamily<AdamOptions>;
 extern template class AdamFamily<AdamWOptions>;
@@ -200,6 +209,7 @@ class SGD : public FusedOptimizer {
  protected:
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
+  const char* name() const override;
 };
 
 }  // namespace ampkit::optim

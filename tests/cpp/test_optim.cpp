@@ -1,5 +1,7 @@
 #include "test_helpers.h"
 
+#include "optim_detail.h"
+
 #include <torch/serialize.h>
 
 #include <sstream>
@@ -322,6 +324,50 @@ TEST_CASE("Adam and AdamW options stay distinct types with their own defaults", 
   groups.emplace_back(p, std::make_unique<ao::AdamOptions>(1e-2));
   CHECK_THAT(error_of([&] { ao::AdamW(groups, ao::AdamWOptions()); }),
              Catch::Contains("AdamW: expected the options of param group 0 to be ampkit::optim::AdamWOptions"));
+}
+
+TEST_CASE("a bad gradient is named by its group and its index, and changes nothing", "[optim]") {
+  auto q = make_params(13);
+  const auto before = clone_params(q);
+  auto groups = [&] {
+    std::vector<torch::optim::OptimizerParamGroup> two;
+    two.emplace_back(std::vector<at::Tensor>{q[0]});
+    two.emplace_back(std::vector<at::Tensor>{q[1], q[2]});
+    return two;
+  };
+  for (auto& t : q) t.mutable_grad() = torch::ones_like(t);
+  q[2].mutable_grad() = torch::ones({4});
+  const std::string expected_sgd =
+      "SGD: expected each gradient to match its parameter's dtype, device and shape (CPUFloatType of shape [5, 3, 2] "
+      "on cpu), got CPUFloatType of shape [4] on cpu (group 1, index 1)";
+  SECTION("SGD") {
+    ao::SGD sgd(groups(), ao::SGDOptions(0.1).momentum(0.9));
+    CHECK_THAT(error_of([&] { sgd.step(); }), Catch::Contains(expected_sgd));
+    CHECK(sgd.state().empty());  // not even group 0's buffer
+    CHECK(all_bitwise(q, before));
+  }
+  SECTION("AdamW") {
+    ao::AdamW adamw(groups());
+    CHECK_THAT(error_of([&] { adamw.step(); }),
+               Catch::Contains("AdamW: expected each gradient to match") && Catch::Contains("(group 1, index 1)"));
+    CHECK(adamw.state().empty());
+    CHECK(all_bitwise(q, before));
+  }
+  SECTION("the flat lists of fused_sgd_ / fused_adam_ know no groups: the index in the list") {
+    ao::detail::SGDHyper h;
+    const std::string msg = error_of([&] {
+      ao::detail::fused_sgd_({q[0], q[2]}, {q[0].grad(), q[2].grad()}, {}, h, false, at::Tensor(), at::Tensor());
+    });
+    CHECK_THAT(msg, Catch::EndsWith("got CPUFloatType of shape [4] on cpu (index 1)"));
+    CHECK_THAT(msg, !Catch::Contains("group"));
+    const std::string adam_msg = error_of([&] {
+      ao::detail::fused_adam_({q[2]}, {q[2].grad()}, {}, {}, {}, {}, ao::detail::AdamHyper(), at::Tensor(),
+                              at::Tensor());
+    });
+    CHECK_THAT(adam_msg, Catch::StartsWith("Adam: expected each gradient to match") &&
+                             Catch::EndsWith("got CPUFloatType of shape [4] on cpu (index 0)"));
+    CHECK(all_bitwise(q, before));
+  }
 }
 
 TEST_CASE("fused optimizers reject bad arguments clearly", "[optim]") {
