@@ -23,11 +23,27 @@ namespace ampkit::detail {
 // that PyTorch core registers nothing on (DESIGN.md §2).
 constexpr c10::DispatchKey kAutocastKey = c10::DispatchKey::AutocastPrivateUse1;
 
-// Device types with a policy table; indexes of per-device arrays. A higher index wins
-// when an op mixes devices, as AutocastCUDA wins over AutocastCPU in torch.
-constexpr int kNumPolicyDevices = 2;
-int policy_device_index(c10::DeviceType device_type);
-c10::DeviceType policy_device_type(int index);
+// The device types with a policy table, each with torch's autocast key for it: the one list of
+// them, which every other place reads (policy_device_types(), the indexes of per-device arrays,
+// kTorchAutocastKeys, error messages). A higher index wins when an op mixes devices, as
+// AutocastCUDA wins over AutocastCPU in torch.
+struct PolicyDevice {
+  c10::DeviceType type;
+  c10::DispatchKey torch_key;
+};
+inline constexpr std::array<PolicyDevice, 2> kPolicyDevices = {{
+    {c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU},
+    {c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA},
+}};
+constexpr int kNumPolicyDevices = static_cast<int>(kPolicyDevices.size());
+// The index of \p device_type in kPolicyDevices, or -1. Inline: every kernel call asks it per tensor.
+constexpr int policy_device_index(c10::DeviceType device_type) {
+  for (int d = 0; d < kNumPolicyDevices; ++d) {
+    if (kPolicyDevices[d].type == device_type) return d;
+  }
+  return -1;
+}
+constexpr c10::DeviceType policy_device_type(int index) { return kPolicyDevices[index].type; }
 
 // How the kernel treats one schema argument.
 enum class ArgKind : std::uint8_t { Tensor, OptionalTensor, TensorList, OptionalScalarType, Other };
@@ -69,12 +85,14 @@ struct OpEntry {
 // handles an op they are masked (and excluded for the ops the kernel calls), so that torch's
 // kernels never cast a second time; torch's "enabled" bits stay as they are, so torch and user
 // code that read them see the region (DESIGN.md §6).
-inline const c10::DispatchKeySet kTorchAutocastKeys{c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA};
+inline const c10::DispatchKeySet kTorchAutocastKeys = [] {
+  c10::DispatchKeySet keys;
+  for (const auto& d : kPolicyDevices) keys = keys | c10::DispatchKeySet(d.torch_key);
+  return keys;
+}();
 inline const c10::DispatchKeySet kKernelExcludedKeys = kTorchAutocastKeys | c10::DispatchKeySet(kAutocastKey);
 
-inline c10::DispatchKey torch_autocast_key(int device) {
-  return device == 0 ? c10::DispatchKey::AutocastCPU : c10::DispatchKey::AutocastCUDA;
-}
+inline c10::DispatchKey torch_autocast_key(int device) { return kPolicyDevices[device].torch_key; }
 
 // The keys a kernel redispatches with: those below ampkit's, without torch's autocast keys.
 inline c10::DispatchKeySet after_autocast(c10::DispatchKeySet keys) {

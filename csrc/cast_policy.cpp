@@ -18,16 +18,6 @@
 namespace ampkit {
 namespace detail {
 
-int policy_device_index(c10::DeviceType device_type) {
-  switch (device_type) {
-    case c10::DeviceType::CPU: return 0;
-    case c10::DeviceType::CUDA: return 1;
-    default: return -1;
-  }
-}
-
-c10::DeviceType policy_device_type(int index) { return index == 0 ? c10::DeviceType::CPU : c10::DeviceType::CUDA; }
-
 std::string dtype_name(c10::ScalarType dtype) {
   if (dtype == c10::ScalarType::Undefined) return "None";
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
@@ -357,6 +347,8 @@ void revalidate_locked(Registry& r) {
 
 const PolicyMap& defaults(int device) {
   static const std::array<PolicyMap, kNumPolicyDevices> d = [] {
+    static_assert(kPolicyDevices[0].type == c10::DeviceType::CPU && kPolicyDevices[1].type == c10::DeviceType::CUDA,
+                  "the default tables are built in kPolicyDevices' order");
     std::array<PolicyMap, kNumPolicyDevices> out{build_cpu_defaults(), build_cuda_defaults()};
     // An op missing from this torch build (lists differ between versions) is left out.
     for (auto& m : out) {
@@ -411,10 +403,20 @@ void init_locked(Registry& r) {
   revalidate_locked(r);
 }
 
+// "'cpu' or 'cuda'".
+std::string policy_device_names() {
+  std::string out;
+  for (int d = 0; d < kNumPolicyDevices; ++d) {
+    if (d > 0) out += d + 1 < kNumPolicyDevices ? ", " : " or ";
+    out += "'" + c10::DeviceTypeName(kPolicyDevices[d].type, /*lower_case=*/true) + "'";
+  }
+  return out;
+}
+
 int checked_device(c10::DeviceType device_type) {
   const int d = policy_device_index(device_type);
-  TORCH_CHECK_VALUE(d >= 0,
-                    "ampkit: expected device_type 'cpu' or 'cuda' (a device type with a cast-policy table), got '",
+  TORCH_CHECK_VALUE(d >= 0, "ampkit: expected device_type ", policy_device_names(),
+                    " (a device type with a cast-policy table), got '",
                     c10::DeviceTypeName(device_type, /*lower_case=*/true), "'");
   return d;
 }
@@ -477,7 +479,11 @@ CastPolicy cast_policy_from_string(std::string_view name) {
 }
 
 const std::vector<c10::DeviceType>& policy_device_types() {
-  static const std::vector<c10::DeviceType> types = {c10::DeviceType::CPU, c10::DeviceType::CUDA};
+  static const std::vector<c10::DeviceType> types = [] {
+    std::vector<c10::DeviceType> out;
+    for (const auto& d : kPolicyDevices) out.push_back(d.type);
+    return out;
+  }();
   return types;
 }
 

@@ -255,22 +255,25 @@ std::vector<at::Tensor> GradScaler::scale(at::ArrayRef<at::Tensor> outputs) {
   return scaled;
 }
 
-GradScaler::PerOptimizerState& GradScaler::state_of(const torch::optim::Optimizer& optimizer) {
-  return per_optimizer_[&optimizer];
+std::vector<at::Tensor> GradScaler::unscale_grads_of(const torch::optim::Optimizer& optimizer) const {
+  return detail::unscale_grads_(params_of(optimizer), detail::reciprocal_scale(scale_), /*allow_fp16=*/false);
+}
+
+void GradScaler::set_stage(const torch::optim::Optimizer& optimizer, OptimizerStage stage,
+                           std::vector<at::Tensor> found_infs) {
+  auto& state = per_optimizer_[&optimizer];
+  state.stage = stage;
+  state.found_inf_per_device = std::move(found_infs);
 }
 
 void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
   if (!is_enabled()) return;
   check_initialized("unscale_");
-  auto it = per_optimizer_.find(&optimizer);
-  const OptimizerStage stage = it == per_optimizer_.end() ? OptimizerStage::Ready : it->second.stage;
+  const OptimizerStage stage = this->stage(optimizer);
   TORCH_CHECK(stage != OptimizerStage::Unscaled,
               "unscale_() has already been called on this optimizer since the last update().");
   TORCH_CHECK(stage != OptimizerStage::Stepped, "unscale_() is being called after step().");
-  auto found_infs = detail::unscale_grads_(params_of(optimizer), detail::reciprocal_scale(scale_), false);
-  auto& state = state_of(optimizer);
-  state.found_inf_per_device = std::move(found_infs);
-  state.stage = OptimizerStage::Unscaled;
+  set_stage(optimizer, OptimizerStage::Unscaled, unscale_grads_of(optimizer));
 }
 
 bool GradScaler::step(torch::optim::Optimizer& optimizer) {
@@ -280,44 +283,42 @@ bool GradScaler::step(torch::optim::Optimizer& optimizer) {
     return true;
   }
   check_initialized("step");
-  auto it = per_optimizer_.find(&optimizer);
-  const OptimizerStage stage = it == per_optimizer_.end() ? OptimizerStage::Ready : it->second.stage;
+  const OptimizerStage stage = this->stage(optimizer);
   TORCH_CHECK(stage != OptimizerStage::Stepped, "step() has already been called since the last update().");
+  if (auto* aware = dynamic_cast<ScaleAwareOptimizer*>(&optimizer)) return step_sync_free(optimizer, *aware, stage);
+  return step_with_sync(optimizer, stage);
+}
+
+bool GradScaler::step_sync_free(torch::optim::Optimizer& optimizer, ScaleAwareOptimizer& aware, OptimizerStage stage) {
+  // The optimizer unscales and skips on the device; only check the grads (inv_scale 1) if
+  // unscale_() has not done it, as torch's _check_inf_per_device.
+  std::vector<at::Tensor> found_infs =
+      stage == OptimizerStage::Ready
+          ? detail::unscale_grads_(params_of(optimizer), at::ones({}, scale_.options()), /*allow_fp16=*/true)
+          : found_inf_per_device(optimizer);
+  // Without grads torch passes found_inf 0 and steps (the optimizer has nothing to do); the
+  // update() that follows then finds no inf checks, as in torch.
+  const at::Tensor found_inf =
+      found_infs.empty() ? at::zeros({}, scale_.options()) : combine_found_infs(found_infs, scale_.device());
+  const at::Tensor grad_scale = stage == OptimizerStage::Unscaled ? at::Tensor() : scale_;
+  // Stage and found_infs change only once the step succeeded: a retry after a throw sees the
+  // same stage (checking grads twice with inv_scale 1 is harmless).
+  aware.step_scaled(grad_scale, found_inf);
+  set_stage(optimizer, OptimizerStage::Stepped, std::move(found_infs));
+  record_step(found_inf, std::nullopt);
+  return true;
+}
+
+bool GradScaler::step_with_sync(torch::optim::Optimizer& optimizer, OptimizerStage stage) {
   const char* no_grads =
       "step(): no inf checks were recorded for this optimizer: none of its parameters has a "
       "gradient. Call backward() on the scaled loss before step().";
-
-  if (auto* aware = dynamic_cast<ScaleAwareOptimizer*>(&optimizer)) {
-    // The optimizer unscales and skips on the device; only check the grads (inv_scale 1) if
-    // unscale_() has not done it, as torch's _check_inf_per_device.
-    std::vector<at::Tensor> found_infs =
-        stage == OptimizerStage::Ready
-            ? detail::unscale_grads_(params_of(optimizer), at::ones({}, scale_.options()), /*allow_fp16=*/true)
-            : it->second.found_inf_per_device;
-    // Without grads torch passes found_inf 0 and steps (the optimizer has nothing to do); the
-    // update() that follows then finds no inf checks, as in torch.
-    const at::Tensor found_inf =
-        found_infs.empty() ? at::zeros({}, scale_.options()) : combine_found_infs(found_infs, scale_.device());
-    const at::Tensor grad_scale = stage == OptimizerStage::Unscaled ? at::Tensor() : scale_;
-    // Stage and found_infs change only once the step succeeded: a retry after a throw sees the
-    // same stage (checking grads twice with inv_scale 1 is harmless).
-    aware->step_scaled(grad_scale, found_inf);
-    auto& state = state_of(optimizer);
-    state.found_inf_per_device = std::move(found_infs);
-    state.stage = OptimizerStage::Stepped;
-    record_step(found_inf, std::nullopt);
-    return true;
-  }
-
   if (stage == OptimizerStage::Ready) {
-    auto found_infs = detail::unscale_grads_(params_of(optimizer), detail::reciprocal_scale(scale_), false);
-    TORCH_CHECK(!found_infs.empty(), no_grads);
-    auto& state = state_of(optimizer);
-    state.found_inf_per_device = std::move(found_infs);
-    state.stage = OptimizerStage::Unscaled;
-    it = per_optimizer_.find(&optimizer);
+    auto found_infs = unscale_grads_of(optimizer);
+    TORCH_CHECK(!found_infs.empty(), no_grads);  // before set_stage: a throw leaves the optimizer Ready
+    set_stage(optimizer, OptimizerStage::Unscaled, std::move(found_infs));
   }
-  PerOptimizerState& state = it->second;
+  PerOptimizerState& state = per_optimizer_.at(&optimizer);
   TORCH_CHECK(!state.found_inf_per_device.empty(), no_grads);
   const at::Tensor found_inf = combine_found_infs(state.found_inf_per_device, scale_.device());
   // The one host sync of a step, as torch's _maybe_opt_step.
@@ -411,46 +412,19 @@ int64_t GradScaler::steps_skipped() const {
 
 int64_t GradScaler::steps_applied() const { return steps_ - steps_skipped(); }
 
-void GradScaler::set_growth_factor(double v) {
-  GradScalerOptions o = options_;
-  o.growth_factor(v);
-  detail::validate_options(o, /*check_init_scale=*/false);
-  options_ = o;
+void GradScaler::commit_options(const GradScalerOptions& candidate) {
+  detail::validate_options(candidate, /*check_init_scale=*/false);
+  options_ = candidate;
 }
 
-void GradScaler::set_backoff_factor(double v) {
-  GradScalerOptions o = options_;
-  o.backoff_factor(v);
-  detail::validate_options(o, /*check_init_scale=*/false);
-  options_ = o;
-}
-
-void GradScaler::set_growth_interval(int64_t v) {
-  GradScalerOptions o = options_;
-  o.growth_interval(v);
-  detail::validate_options(o, /*check_init_scale=*/false);
-  options_ = o;
-}
-
-void GradScaler::set_min_scale(double v) {
-  GradScalerOptions o = options_;
-  o.min_scale(v);
-  detail::validate_options(o, /*check_init_scale=*/false);
-  options_ = o;
-}
-
-void GradScaler::set_max_scale(double v) {
-  GradScalerOptions o = options_;
-  o.max_scale(v);
-  detail::validate_options(o, /*check_init_scale=*/false);
-  options_ = o;
-}
+void GradScaler::set_growth_factor(double v) { commit_options(GradScalerOptions(options_).growth_factor(v)); }
+void GradScaler::set_backoff_factor(double v) { commit_options(GradScalerOptions(options_).backoff_factor(v)); }
+void GradScaler::set_growth_interval(int64_t v) { commit_options(GradScalerOptions(options_).growth_interval(v)); }
+void GradScaler::set_min_scale(double v) { commit_options(GradScalerOptions(options_).min_scale(v)); }
+void GradScaler::set_max_scale(double v) { commit_options(GradScalerOptions(options_).max_scale(v)); }
 
 void GradScaler::set_hysteresis(int64_t v) {
-  GradScalerOptions o = options_;
-  o.hysteresis(v);
-  detail::validate_options(o, /*check_init_scale=*/false);
-  options_ = o;
+  commit_options(GradScalerOptions(options_).hysteresis(v));
   // A streak counted under the old hysteresis would cap or trigger wrongly under the new one.
   init_overflow_streak_ = 0;
   if (overflow_streak_.defined()) overflow_streak_.zero_();

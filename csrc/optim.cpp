@@ -11,7 +11,11 @@
 #include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <optional>
+#include <ostream>
 #include <string>
 #include <utility>
 
@@ -25,9 +29,19 @@ namespace {
 using torch::optim::OptimizerParamGroup;
 using torch::optim::OptimizerParamState;
 
+// The device types with fused Adam/AdamW/SGD kernels in torch (_get_fused_kernels_supported_devices):
+// the one list that both the check and its message read.
+constexpr std::array<c10::DeviceType, 4> kFusedDeviceTypes = {c10::kCPU, c10::kCUDA, c10::kXPU, c10::kMPS};
+
 bool device_supported(c10::DeviceType t) {
-  // The device types with fused Adam/AdamW/SGD kernels in torch (_get_fused_kernels_supported_devices).
-  return t == c10::kCPU || t == c10::kCUDA || t == c10::kXPU || t == c10::kMPS;
+  return std::find(kFusedDeviceTypes.begin(), kFusedDeviceTypes.end(), t) != kFusedDeviceTypes.end();
+}
+
+// "cpu, cuda, xpu, mps".
+std::string fused_device_names() {
+  std::string out;
+  for (const auto t : kFusedDeviceTypes) out += (out.empty() ? "" : ", ") + c10::DeviceTypeName(t, /*lower_case=*/true);
+  return out;
 }
 
 std::string describe(const at::Tensor& t) {
@@ -35,20 +49,33 @@ std::string describe(const at::Tensor& t) {
   return t.toString() + " of shape " + c10::str(t.sizes()) + " on " + t.device().str();
 }
 
-// A parameter and its grad are usable by the fused kernels. Checked for every parameter before
-// any state is created or any tensor changes.
-void check_param_grad(const char* who, const at::Tensor& p, const at::Tensor& g, size_t group, size_t index) {
-  TORCH_CHECK_VALUE(p.is_floating_point() && !p.is_complex(), who, ": expected floating-point parameters, got ",
-                    describe(p), " (group ", group, ", index ", index, ")");
+// Where a parameter sits, for error messages: "(group 1, index 3)" in an optimizer's param groups,
+// "(index 3)" in the flat lists of fused_adam_ / fused_sgd_, which know no groups.
+struct ParamPosition {
+  std::optional<size_t> group;
+  size_t index;
+};
+std::ostream& operator<<(std::ostream& out, const ParamPosition& pos) {
+  out << "(";
+  if (pos.group) out << "group " << *pos.group << ", ";
+  return out << "index " << pos.index << ")";
+}
+
+// A parameter and its grad are usable by the fused kernels. Checked once per step for every
+// parameter, before any state is created or any tensor changes: by FusedOptimizer::step_scaled for
+// the optimizers, by fused_adam_ / fused_sgd_ for their lists.
+void check_param_grad(const char* who, const at::Tensor& p, const at::Tensor& g, ParamPosition pos) {
+  TORCH_CHECK_VALUE(p.defined() && p.is_floating_point() && !p.is_complex(), who,
+                    ": expected floating-point parameters, got ", describe(p), " ", pos);
   // RuntimeError, the type torch's fused optimizers raise for such parameters.
-  TORCH_CHECK(device_supported(p.device().type()), who,
-              ": expected parameters on a device with fused kernels (cpu, cuda, xpu, mps), got ", describe(p),
-              " (group ", group, ", index ", index, ")");
-  TORCH_CHECK_VALUE(!g.is_sparse(), who, ": expected dense gradients, got a sparse one (group ", group, ", index ",
-                    index, "); fused optimizers do not support sparse gradients");
-  TORCH_CHECK_VALUE(g.scalar_type() == p.scalar_type() && g.device() == p.device() && g.sizes() == p.sizes(), who,
-                    ": expected each gradient to match its parameter's dtype, device and shape (", describe(p),
-                    "), got ", describe(g), " (group ", group, ", index ", index, ")");
+  TORCH_CHECK(device_supported(p.device().type()), who, ": expected parameters on a device with fused kernels (",
+              fused_device_names(), "), got ", describe(p), " ", pos);
+  TORCH_CHECK_VALUE(!g.is_sparse(), who, ": expected dense gradients, got a sparse one ", pos,
+                    "; fused optimizers do not support sparse gradients");
+  TORCH_CHECK_VALUE(
+      g.defined() && g.scalar_type() == p.scalar_type() && g.device() == p.device() && g.sizes() == p.sizes(), who,
+      ": expected each gradient to match its parameter's dtype, device and shape (", describe(p), "), got ",
+      describe(g), " ", pos);
 }
 
 void check_finite_nonneg(const char* who, const char* name, double v) {
@@ -65,7 +92,6 @@ void check_adam_like(const char* who, double lr, double eps, double wd, const st
   TORCH_CHECK_VALUE(b2 >= 0.0 && b2 < 1.0, who, ": expected betas[1] in [0, 1), got ", b2);
 }
 
-// Index of the first parameter of every group, for error messages and the "no parameters" check.
 void check_has_params(const char* who, const std::vector<OptimizerParamGroup>& groups) {
   size_t n = 0;
   for (const auto& g : groups) n += g.params().size();
@@ -83,11 +109,27 @@ void restore_group_options(std::vector<OptimizerParamGroup>& mine, const std::ve
 // The options of every group must be ours: torch::optim::Optimizer accepts any OptimizerOptions,
 // and a static_cast of torch::optim::AdamOptions to ampkit's would read garbage.
 template <class Options>
-const Options& options_of(const char* who, const OptimizerParamGroup& group, size_t i) {
+const Options& options_of(const OptimizerParamGroup& group, size_t i) {
   const auto* o = dynamic_cast<const Options*>(&group.options());
-  TORCH_CHECK_VALUE(o != nullptr, who, ": expected the options of param group ", i, " to be ampkit::optim::", who,
-                    "Options, got another optimizer's options");
+  TORCH_CHECK_VALUE(o != nullptr, Options::kName, ": expected the options of param group ", i,
+                    " to be ampkit::optim::", Options::kName, "Options, got another optimizer's options");
   return *o;
+}
+
+template <class Options>
+void check_groups_of(const std::vector<OptimizerParamGroup>& groups) {
+  for (size_t i = 0; i < groups.size(); ++i) options_of<Options>(groups[i], i).validate();
+}
+
+// What every fused optimizer's constructor does after torch::optim::Optimizer's: the caller's group
+// options back, then the checks (defaults, at least one parameter, every group's options).
+template <class Options>
+void finish_construction(torch::optim::Optimizer& opt, const std::vector<OptimizerParamGroup>& given,
+                         const Options& defaults) {
+  restore_group_options(opt.param_groups(), given);
+  defaults.validate();
+  check_has_params(Options::kName, opt.param_groups());
+  check_groups_of<Options>(opt.param_groups());
 }
 
 // Where GradScaler hands in one found_inf that is the sum over devices, the kernels want exactly
@@ -100,12 +142,22 @@ PerDeviceCopies grad_scale_copies(const at::Tensor& grad_scale) {
   return PerDeviceCopies(grad_scale, false, [](const at::Tensor& t) { return t.reshape({}); });
 }
 
-void check_list(const char* who, const char* name, at::TensorList list, at::TensorList params, bool state_step) {
+// The checks of fused_adam_ / fused_sgd_, whose callers hand in every list: the grads, then each
+// state list (one tensor per parameter, like it, or a float32 step counter on its device).
+void check_params_and_grads(const char* who, at::TensorList params, at::TensorList grads) {
+  TORCH_CHECK_VALUE(grads.size() == params.size(), who, ": expected grads to have one tensor per parameter (",
+                    params.size(), "), got ", grads.size());
+  for (size_t i = 0; i < params.size(); ++i) check_param_grad(who, params[i], grads[i], {std::nullopt, i});
+}
+
+enum class StateKind { like_param, step };
+
+void check_state_list(const char* who, const char* name, at::TensorList list, at::TensorList params, StateKind kind) {
   TORCH_CHECK_VALUE(list.size() == params.size(), who, ": expected ", name, " to have one tensor per parameter (",
                     params.size(), "), got ", list.size());
   for (size_t i = 0; i < list.size(); ++i) {
     const auto& t = list[i];
-    if (state_step) {
+    if (kind == StateKind::step) {
       TORCH_CHECK_VALUE(
           t.defined() && t.numel() == 1 && t.scalar_type() == at::kFloat && t.device() == params[i].device(), who,
           ": expected ", name, "[", i, "] to be a 1-element float32 tensor on ", params[i].device(), ", got ",
@@ -117,6 +169,11 @@ void check_list(const char* who, const char* name, at::TensorList list, at::Tens
                         describe(t));
     }
   }
+}
+
+void check_lr_tensor(const char* who, const at::Tensor& lr) {
+  TORCH_CHECK_VALUE(!lr.defined() || (lr.numel() == 1 && lr.is_floating_point()), who,
+                    ": expected a tensor lr to be a 1-element floating tensor, got ", describe(lr));
 }
 
 // Moves a loaded state tensor to its parameter (device, and dtype unless it is a step counter).
@@ -176,61 +233,228 @@ void load_optimizer(const char* who, torch::optim::Optimizer& opt, torch::serial
   for (size_t i = 0; i < groups.size(); ++i) groups[i].set_options(std::make_unique<Options>(new_options[i]));
 }
 
-template <class Options>
-void adam_family_step(const char* who, torch::optim::Optimizer& opt, bool decoupled, const at::Tensor& grad_scale,
-                      const at::Tensor& found_inf) {
-  auto& groups = opt.param_groups();
-  // Validate every parameter first, so a bad one leaves all state and all params untouched.
-  for (size_t gi = 0; gi < groups.size(); ++gi) {
-    for (size_t j = 0; j < groups[gi].params().size(); ++j) {
-      const auto& p = groups[gi].params()[j];
-      if (p.grad().defined()) check_param_grad(who, p, p.grad(), gi, j);
-    }
-  }
-  for (size_t gi = 0; gi < groups.size(); ++gi) {
-    const auto& o = static_cast<const Options&>(groups[gi].options());
-    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps;
-    for (const auto& p : groups[gi].params()) {
-      if (!p.grad().defined()) continue;
-      auto& slot = opt.state()[p.unsafeGetTensorImpl()];
-      if (!slot) {
-        // torch's fused _init_group: zeros, and a float32 step on the param's device.
-        auto s = std::make_unique<AdamParamState>();
-        s->step(at::zeros({}, p.options().dtype(at::kFloat)));
-        s->exp_avg(at::zeros_like(p, at::MemoryFormat::Preserve));
-        s->exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
-        if (o.amsgrad()) s->max_exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
-        slot = std::move(s);
+// ---- the kernels, on lists already checked ----
+
+std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// torch's fused optimizers pass a CPU tensor lr as it is (the kernels read it) and copy one on
+// another device to each parameter device.
+at::Tensor lr_on(const at::Tensor& lr, const c10::Device& device) {
+  return lr.device().is_cpu() || lr.device() == device ? lr : lr.to(device, /*non_blocking=*/true);
+}
+
+// torch's _fused_adam / _fused_adamw over each device and dtype: steps counted first and rolled
+// back by found_inf afterwards, all on the device.
+void run_fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const detail::AdamHyper& h,
+                    PerDeviceCopies& scales, PerDeviceCopies& infs) {
+  for (const auto& idx : group_by_device_and_dtype(params)) {
+    const c10::Device device = params[idx[0]].device();
+    const auto p = pick(params, idx);
+    const auto g = pick(grads, idx);
+    const auto m = pick(exp_avgs, idx);
+    const auto v = pick(exp_avg_sqs, idx);
+    const auto vmax = pick(max_exp_avg_sqs, idx);
+    const auto s = pick(steps, idx);
+    const at::Tensor fi = infs.get(device);
+    const auto gs_opt = optional_of(scales.get(device));
+    const auto fi_opt = optional_of(fi);
+    at::_foreach_add_(s, 1);
+    // ATen has one overload per lr type (double or tensor) of each kernel.
+    const auto run = [&](const auto& lr) {
+      if (h.decoupled_weight_decay) {
+        at::_fused_adamw_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
+                          gs_opt, fi_opt);
+      } else {
+        at::_fused_adam_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
+                         gs_opt, fi_opt);
       }
-      auto& s = static_cast<AdamParamState&>(*slot);
-      if (o.amsgrad() && !s.max_exp_avg_sq().defined()) {
-        // amsgrad switched on after some steps: torch would fail; start the maximum at zero.
-        s.max_exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
-      }
-      params.push_back(p);
-      grads.push_back(p.grad());
-      exp_avgs.push_back(s.exp_avg());
-      exp_avg_sqs.push_back(s.exp_avg_sq());
-      if (o.amsgrad()) max_sqs.push_back(s.max_exp_avg_sq());
-      steps.push_back(s.step());
+    };
+    if (h.lr_tensor.defined()) {
+      run(lr_on(h.lr_tensor, device));
+    } else {
+      run(h.lr);
     }
-    if (params.empty()) continue;
-    detail::AdamHyper h;
-    h.lr = o.lr();
-    h.beta1 = std::get<0>(o.betas());
-    h.beta2 = std::get<1>(o.betas());
-    h.weight_decay = o.weight_decay();
-    h.eps = o.eps();
-    h.amsgrad = o.amsgrad();
-    h.maximize = o.maximize();
-    h.decoupled_weight_decay = decoupled;
-    detail::fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, h, grad_scale, found_inf);
+    if (fi.defined()) at::_foreach_sub_(s, std::vector<at::Tensor>(s.size(), fi));
   }
 }
 
+// torch's CPU fused SGD kernel reads fp16/bf16 momentum buffers through a float pointer when
+// is_first_step is false (torch 2.13: garbage buffers, parameters not updated), so with momentum
+// those dtypes take this kernel: torch's fused arithmetic in float32 (its opmath type), in the same
+// order of operations, one pass over each tensor. On the CPU the inf flag and the scale are read on
+// the host (no device to sync with) and a step to skip is not run at all.
+void run_sgd_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, const detail::SGDHyper& h,
+                      bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  if (detail::found_inf_is_set(found_inf)) return;
+  const detail::SgdLowpArgs args{h.lr_tensor.defined() ? h.lr_tensor.item<float>() : static_cast<float>(h.lr),
+                                 static_cast<float>(h.momentum),
+                                 static_cast<float>(1 - h.dampening),
+                                 static_cast<float>(h.weight_decay),
+                                 grad_scale.defined() ? grad_scale.item<float>() : 1.0f,
+                                 grad_scale.defined(),
+                                 h.maximize,
+                                 h.nesterov,
+                                 is_first_step};
+  for (size_t i = 0; i < params.size(); ++i) {
+    // The kernel walks memory linearly: a non-contiguous tensor is worked on through a copy.
+    const at::Tensor p = params[i].contiguous(), g = grads[i].contiguous(), b = bufs[i].contiguous();
+    at::parallel_for(0, p.numel(), 32768, [&](int64_t begin, int64_t end) {
+      if (p.scalar_type() == at::kBFloat16) {
+        detail::sgd_lowp_range_bf16(p.data_ptr<c10::BFloat16>(), g.data_ptr<c10::BFloat16>(),
+                                    b.data_ptr<c10::BFloat16>(), begin, end, args);
+      } else {
+        detail::sgd_lowp_range_fp16(p.data_ptr<c10::Half>(), g.data_ptr<c10::Half>(), b.data_ptr<c10::Half>(), begin,
+                                    end, args);
+      }
+    });
+    if (!p.is_same(params[i])) params[i].copy_(p);
+    if (!g.is_same(grads[i]) && args.unscale) grads[i].copy_(g);
+    if (!b.is_same(bufs[i])) bufs[i].copy_(b);
+  }
+}
+
+// torch's _fused_sgd over each device and dtype (run_sgd_lowp_cpu where its CPU kernel is wrong).
+void run_fused_sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   const detail::SGDHyper& h, bool is_first_step, PerDeviceCopies& scales, PerDeviceCopies& infs) {
+  for (const auto& idx : group_by_device_and_dtype(params)) {
+    const c10::Device device = params[idx[0]].device();
+    const at::Tensor gs = scales.get(device);
+    const at::Tensor fi = infs.get(device);
+    const auto p = pick(params, idx);
+    const auto g = pick(grads, idx);
+    const auto b = pick(momentum_buffers, idx);
+    const auto dtype = params[idx[0]].scalar_type();
+    if (device.is_cpu() && h.momentum != 0 && (dtype == at::kHalf || dtype == at::kBFloat16)) {
+      run_sgd_lowp_cpu(p, g, b, h, is_first_step, gs, fi);
+      continue;
+    }
+    // ATen has one overload per lr type (double or tensor).
+    const auto run = [&](const auto& lr) {
+      at::_fused_sgd_(p, g, b, h.weight_decay, h.momentum, lr, h.dampening, h.nesterov, h.maximize, is_first_step,
+                      optional_of(gs), optional_of(fi));
+    };
+    if (h.lr_tensor.defined()) {
+      run(lr_on(h.lr_tensor, device));
+    } else {
+      run(h.lr);
+    }
+  }
+}
+
+// ---- what the optimizer classes hand to the kernels ----
+
 template <class Options>
-void check_adam_groups(const char* who, const std::vector<OptimizerParamGroup>& groups) {
-  for (size_t i = 0; i < groups.size(); ++i) options_of<Options>(who, groups[i], i).validate();
+detail::AdamHyper adam_hyper(const Options& o) {
+  detail::AdamHyper h;
+  h.lr = o.lr();
+  h.beta1 = std::get<0>(o.betas());
+  h.beta2 = std::get<1>(o.betas());
+  h.weight_decay = o.weight_decay();
+  h.eps = o.eps();
+  h.amsgrad = o.amsgrad();
+  h.maximize = o.maximize();
+  h.decoupled_weight_decay = Options::kDecoupledWeightDecay;
+  return h;
+}
+
+detail::SGDHyper sgd_hyper(const SGDOptions& o) {
+  detail::SGDHyper h;
+  h.lr = o.lr();
+  h.momentum = o.momentum();
+  h.dampening = o.dampening();
+  h.weight_decay = o.weight_decay();
+  h.nesterov = o.nesterov();
+  h.maximize = o.maximize();
+  return h;
+}
+
+// The parameters with a grad of one Adam group and their state, created where missing as torch's
+// fused _init_group creates it: zeros, and a float32 step on the param's device.
+struct AdamLists {
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+};
+
+AdamLists adam_lists_of(const OptimizerParamGroup& group, bool amsgrad,
+                        ska::flat_hash_map<void*, std::unique_ptr<OptimizerParamState>>& state) {
+  AdamLists l;
+  for (const auto& p : group.params()) {
+    if (!p.grad().defined()) continue;
+    auto& slot = state[p.unsafeGetTensorImpl()];
+    if (!slot) {
+      auto s = std::make_unique<AdamParamState>();
+      s->step(at::zeros({}, p.options().dtype(at::kFloat)));
+      s->exp_avg(at::zeros_like(p, at::MemoryFormat::Preserve));
+      s->exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
+      slot = std::move(s);
+    }
+    auto& s = static_cast<AdamParamState&>(*slot);
+    // Also where amsgrad was switched on after some steps (torch would fail): the maximum starts at zero.
+    if (amsgrad && !s.max_exp_avg_sq().defined()) s.max_exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
+    l.params.push_back(p);
+    l.grads.push_back(p.grad());
+    l.exp_avgs.push_back(s.exp_avg());
+    l.exp_avg_sqs.push_back(s.exp_avg_sq());
+    if (amsgrad) l.max_exp_avg_sqs.push_back(s.max_exp_avg_sq());
+    l.steps.push_back(s.step());
+  }
+  return l;
+}
+
+// The parameters with a grad of one SGD group, sorted by how their step runs.
+struct SgdLists {
+  std::vector<at::Tensor> params, grads, bufs;
+  void add(const at::Tensor& p, const at::Tensor& buf) {
+    params.push_back(p);
+    grads.push_back(p.grad());
+    if (buf.defined()) bufs.push_back(buf);
+  }
+};
+struct SgdGroupPlan {
+  SgdLists ordinary;        // momentum 0, or a buffer that the ordinary update may change in place
+  SgdLists first_dampened;  // the first step with dampening != 0: buffers that become state if it ran
+};
+
+SgdGroupPlan plan_sgd_group(const OptimizerParamGroup& group, const detail::SGDHyper& h,
+                            ska::flat_hash_map<void*, std::unique_ptr<OptimizerParamState>>& state) {
+  SgdGroupPlan plan;
+  for (const auto& p : group.params()) {
+    if (!p.grad().defined()) continue;
+    if (h.momentum == 0) {
+      plan.ordinary.add(p, at::Tensor());
+      continue;
+    }
+    auto it = state.find(p.unsafeGetTensorImpl());
+    if (it != state.end() && static_cast<SGDParamState&>(*it->second).momentum_buffer().defined()) {
+      plan.ordinary.add(p, static_cast<SGDParamState&>(*it->second).momentum_buffer());
+    } else if (h.dampening == 0) {
+      // momentum * 0 + 1 * grad == grad: the ordinary update is torch's first step, and a skipped
+      // step leaves the zeros as they were.
+      auto s = std::make_unique<SGDParamState>();
+      s->momentum_buffer(at::zeros_like(p, at::MemoryFormat::Preserve));
+      plan.ordinary.add(p, s->momentum_buffer());
+      state[p.unsafeGetTensorImpl()] = std::move(s);
+    } else {
+      plan.first_dampened.add(p, at::zeros_like(p, at::MemoryFormat::Preserve));
+    }
+  }
+  return plan;
+}
+
+// torch's first step `buf = grad` on fresh buffers. It differs from the ordinary update when
+// dampening != 0, so a skipped one must not leave its buffers behind: the one host read of SGD.
+void sgd_first_dampened_step(const SgdLists& l, const detail::SGDHyper& h, const at::Tensor& found_inf,
+                             PerDeviceCopies& scales, PerDeviceCopies& infs,
+                             ska::flat_hash_map<void*, std::unique_ptr<OptimizerParamState>>& state) {
+  run_fused_sgd(l.params, l.grads, l.bufs, h, /*is_first_step=*/true, scales, infs);
+  if (detail::found_inf_is_set(found_inf)) return;
+  for (size_t i = 0; i < l.params.size(); ++i) {
+    auto s = std::make_unique<SGDParamState>();
+    s->momentum_buffer(l.bufs[i]);
+    state[l.params[i].unsafeGetTensorImpl()] = std::move(s);
+  }
 }
 
 void fix_adam_state(const char* who, AdamParamState& s, const at::Tensor& p) {
@@ -246,8 +470,10 @@ void fix_adam_state(const char* who, AdamParamState& s, const at::Tensor& p) {
 
 // ---- options ----
 
-void AdamOptions::validate() const { check_adam_like("Adam", lr(), eps(), weight_decay(), betas()); }
-void AdamWOptions::validate() const { check_adam_like("AdamW", lr(), eps(), weight_decay(), betas()); }
+template <bool D>
+void AdamFamilyOptions<D>::validate() const {
+  check_adam_like(kName, lr(), eps(), weight_decay(), betas());
+}
 
 void SGDOptions::validate() const {
   check_finite_nonneg("SGD", "lr", lr());
@@ -259,31 +485,28 @@ void SGDOptions::validate() const {
                     " and dampening ", dampening());
 }
 
-#define AMPKIT_SERIALIZE_ADAM_OPTIONS(Options)                                                                         \
-  void Options::serialize(torch::serialize::OutputArchive& archive) const {                                            \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);                                                                              \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);                                                                           \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);                                                                             \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);                                                                    \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);                                                                         \
-    _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);                                                                        \
-  }                                                                                                                    \
-  void Options::serialize(torch::serialize::InputArchive& archive) {                                                   \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);                                                                    \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);                                                                \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);                                                                   \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);                                                          \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);                                                                 \
-    _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);                                                                \
-  }                                                                                                                    \
-  bool operator==(const Options& a, const Options& b) {                                                                \
-    return a.lr() == b.lr() && a.betas() == b.betas() && a.eps() == b.eps() && a.weight_decay() == b.weight_decay() && \
-           a.amsgrad() == b.amsgrad() && a.maximize() == b.maximize();                                                 \
-  }
+template <bool D>
+void AdamFamilyOptions<D>::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(betas);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(eps);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+}
 
-AMPKIT_SERIALIZE_ADAM_OPTIONS(AdamOptions)
-AMPKIT_SERIALIZE_ADAM_OPTIONS(AdamWOptions)
-#undef AMPKIT_SERIALIZE_ADAM_OPTIONS
+template <bool D>
+void AdamFamilyOptions<D>::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(betas_t, betas);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, eps);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
+}
+
+template struct AdamFamilyOptions<false>;
+template struct AdamFamilyOptions<true>;
 
 void SGDOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
@@ -345,131 +568,88 @@ torch::Tensor FusedOptimizer::step(LossClosure closure) {
 }
 
 void FusedOptimizer::step_scaled(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  // Every check of a step, once, before anything changes; fused_step then only works.
   detail::check_scale_tensor(grad_scale, "grad_scale");
   detail::check_scale_tensor(found_inf, "found_inf");
   check_groups();
+  const char* who = name();
+  for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
+    const auto& params = param_groups_[gi].params();
+    for (size_t j = 0; j < params.size(); ++j) {
+      if (params[j].grad().defined()) check_param_grad(who, params[j], params[j].grad(), {gi, j});
+    }
+  }
   at::NoGradGuard no_grad;
   fused_step(grad_scale, found_inf);
 }
 
 // ---- Adam / AdamW ----
 
-Adam::Adam(const std::vector<OptimizerParamGroup>& param_groups, AdamOptions defaults)
-    : FusedOptimizer(param_groups, std::make_unique<AdamOptions>(defaults)) {
-  restore_group_options(param_groups_, param_groups);
-  defaults.validate();
-  check_has_params("Adam", param_groups_);
-  check_groups();
+template <class Options>
+AdamFamily<Options>::AdamFamily(const std::vector<OptimizerParamGroup>& param_groups, Options defaults)
+    : FusedOptimizer(param_groups, std::make_unique<Options>(defaults)) {
+  finish_construction(*this, param_groups, defaults);
 }
-Adam::Adam(std::vector<at::Tensor> params, AdamOptions defaults)
-    : Adam({OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+template <class Options>
+AdamFamily<Options>::AdamFamily(std::vector<at::Tensor> params, Options defaults)
+    : AdamFamily({OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
-void Adam::check_groups() const { check_adam_groups<AdamOptions>("Adam", param_groups_); }
-void Adam::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
-  adam_family_step<AdamOptions>("Adam", *this, /*decoupled=*/false, grad_scale, found_inf);
+template <class Options>
+const char* AdamFamily<Options>::name() const {
+  return Options::kName;
 }
-void Adam::save(torch::serialize::OutputArchive& archive) const {
-  torch::optim::serialize<AdamParamState, AdamOptions>(archive, *this);
+template <class Options>
+void AdamFamily<Options>::check_groups() const {
+  check_groups_of<Options>(param_groups_);
 }
-void Adam::load(torch::serialize::InputArchive& archive) {
-  load_optimizer<AdamParamState, AdamOptions>(
-      "Adam", *this, archive, [](AdamParamState& s, const at::Tensor& p) { fix_adam_state("Adam", s, p); });
+template <class Options>
+void AdamFamily<Options>::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+  auto scales = grad_scale_copies(grad_scale);
+  auto infs = found_inf_copies(found_inf);
+  for (const auto& group : param_groups_) {
+    const auto& o = static_cast<const Options&>(group.options());
+    const AdamLists l = adam_lists_of(group, o.amsgrad(), state_);
+    if (l.params.empty()) continue;
+    run_fused_adam(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.max_exp_avg_sqs, l.steps, adam_hyper(o), scales,
+                   infs);
+  }
+}
+template <class Options>
+void AdamFamily<Options>::save(torch::serialize::OutputArchive& archive) const {
+  torch::optim::serialize<AdamParamState, Options>(archive, *this);
+}
+template <class Options>
+void AdamFamily<Options>::load(torch::serialize::InputArchive& archive) {
+  load_optimizer<AdamParamState, Options>(Options::kName, *this, archive, [](AdamParamState& s, const at::Tensor& p) {
+    fix_adam_state(Options::kName, s, p);
+  });
 }
 
-AdamW::AdamW(const std::vector<OptimizerParamGroup>& param_groups, AdamWOptions defaults)
-    : FusedOptimizer(param_groups, std::make_unique<AdamWOptions>(defaults)) {
-  restore_group_options(param_groups_, param_groups);
-  defaults.validate();
-  check_has_params("AdamW", param_groups_);
-  check_groups();
-}
-AdamW::AdamW(std::vector<at::Tensor> params, AdamWOptions defaults)
-    : AdamW({OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
-
-void AdamW::check_groups() const { check_adam_groups<AdamWOptions>("AdamW", param_groups_); }
-void AdamW::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
-  adam_family_step<AdamWOptions>("AdamW", *this, /*decoupled=*/true, grad_scale, found_inf);
-}
-void AdamW::save(torch::serialize::OutputArchive& archive) const {
-  torch::optim::serialize<AdamParamState, AdamWOptions>(archive, *this);
-}
-void AdamW::load(torch::serialize::InputArchive& archive) {
-  load_optimizer<AdamParamState, AdamWOptions>(
-      "AdamW", *this, archive, [](AdamParamState& s, const at::Tensor& p) { fix_adam_state("AdamW", s, p); });
-}
+template class AdamFamily<AdamOptions>;
+template class AdamFamily<AdamWOptions>;
 
 // ---- SGD ----
 
 SGD::SGD(const std::vector<OptimizerParamGroup>& param_groups, SGDOptions defaults)
     : FusedOptimizer(param_groups, std::make_unique<SGDOptions>(defaults)) {
-  restore_group_options(param_groups_, param_groups);
-  defaults.validate();
-  check_has_params("SGD", param_groups_);
-  check_groups();
+  finish_construction(*this, param_groups, defaults);
 }
 SGD::SGD(std::vector<at::Tensor> params, SGDOptions defaults)
     : SGD({OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
-void SGD::check_groups() const {
-  for (size_t i = 0; i < param_groups_.size(); ++i) options_of<SGDOptions>("SGD", param_groups_[i], i).validate();
-}
+const char* SGD::name() const { return SGDOptions::kName; }
+void SGD::check_groups() const { check_groups_of<SGDOptions>(param_groups_); }
 
 void SGD::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
-  for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
-    for (size_t j = 0; j < param_groups_[gi].params().size(); ++j) {
-      const auto& p = param_groups_[gi].params()[j];
-      if (p.grad().defined()) check_param_grad("SGD", p, p.grad(), gi, j);
-    }
-  }
-  for (auto& group : param_groups_) {
-    const auto& o = static_cast<const SGDOptions&>(group.options());
-    detail::SGDHyper h;
-    h.lr = o.lr();
-    h.momentum = o.momentum();
-    h.dampening = o.dampening();
-    h.weight_decay = o.weight_decay();
-    h.nesterov = o.nesterov();
-    h.maximize = o.maximize();
-    std::vector<at::Tensor> params, grads, bufs;              // parameters with a buffer (or needing none)
-    std::vector<at::Tensor> new_params, new_grads, new_bufs;  // first step with dampening != 0
-    for (const auto& p : group.params()) {
-      if (!p.grad().defined()) continue;
-      if (h.momentum == 0) {
-        params.push_back(p);
-        grads.push_back(p.grad());
-        continue;
-      }
-      auto it = state_.find(p.unsafeGetTensorImpl());
-      if (it != state_.end() && static_cast<SGDParamState&>(*it->second).momentum_buffer().defined()) {
-        params.push_back(p);
-        grads.push_back(p.grad());
-        bufs.push_back(static_cast<SGDParamState&>(*it->second).momentum_buffer());
-      } else if (h.dampening == 0) {
-        // momentum * 0 + 1 * grad == grad: the ordinary update is torch's first step, and a skipped
-        // step leaves the zeros as they were.
-        auto s = std::make_unique<SGDParamState>();
-        s->momentum_buffer(at::zeros_like(p, at::MemoryFormat::Preserve));
-        params.push_back(p);
-        grads.push_back(p.grad());
-        bufs.push_back(s->momentum_buffer());
-        state_[p.unsafeGetTensorImpl()] = std::move(s);
-      } else {
-        new_params.push_back(p);
-        new_grads.push_back(p.grad());
-        new_bufs.push_back(at::zeros_like(p, at::MemoryFormat::Preserve));
-      }
-    }
-    if (!params.empty()) detail::fused_sgd_(params, grads, bufs, h, /*is_first_step=*/false, grad_scale, found_inf);
-    if (!new_params.empty()) {
-      detail::fused_sgd_(new_params, new_grads, new_bufs, h, /*is_first_step=*/true, grad_scale, found_inf);
-      // The one host read: only a first step that ran may turn its buffers into state.
-      if (!detail::found_inf_is_set(found_inf)) {
-        for (size_t i = 0; i < new_params.size(); ++i) {
-          auto s = std::make_unique<SGDParamState>();
-          s->momentum_buffer(new_bufs[i]);
-          state_[new_params[i].unsafeGetTensorImpl()] = std::move(s);
-        }
-      }
+  auto scales = grad_scale_copies(grad_scale);
+  auto infs = found_inf_copies(found_inf);
+  for (const auto& group : param_groups_) {
+    const detail::SGDHyper h = sgd_hyper(static_cast<const SGDOptions&>(group.options()));
+    const SgdGroupPlan plan = plan_sgd_group(group, h, state_);
+    const SgdLists& l = plan.ordinary;
+    if (!l.params.empty()) run_fused_sgd(l.params, l.grads, l.bufs, h, /*is_first_step=*/false, scales, infs);
+    if (!plan.first_dampened.params.empty()) {
+      sgd_first_dampened_step(plan.first_dampened, h, found_inf, scales, infs, state_);
     }
   }
 }
@@ -484,7 +664,7 @@ void SGD::load(torch::serialize::InputArchive& archive) {
   });
 }
 
-// ---- shared core ----
+// ---- the entry points of the Python optimizers: every list checked, then the kernels ----
 
 namespace detail {
 
@@ -494,145 +674,48 @@ void check_scale_tensor(const at::Tensor& t, const char* name) {
                     " to be None/undefined or a 1-element float32 tensor, got ", describe(t));
 }
 
-// torch's CPU fused SGD kernel reads fp16/bf16 momentum buffers through a float pointer when
-// is_first_step is false (torch 2.13: garbage buffers, parameters not updated), so with momentum
-// those dtypes take this kernel: torch's fused arithmetic in float32 (its opmath type), in the same
-// order of operations, one pass over each tensor. On the CPU the inf flag and the scale are read on
-// the host (no device to sync with) and a step to skip is not run at all.
-void sgd_lowp_cpu_(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& buf, const SGDHyper& h,
-                   bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
-  if (found_inf.defined() && found_inf.item<float>() != 0.0f) return;
-  // The kernel walks memory linearly: a non-contiguous tensor is worked on through a copy.
-  const at::Tensor p = param.contiguous(), g = grad.contiguous(), b = buf.contiguous();
-  const float lr = h.lr_tensor.defined() ? h.lr_tensor.item<float>() : static_cast<float>(h.lr);
-  const std::optional<float> scale =
-      grad_scale.defined() ? std::optional<float>(grad_scale.item<float>()) : std::nullopt;
-  SgdLowpArgs args{lr,
-                   static_cast<float>(h.momentum),
-                   static_cast<float>(1 - h.dampening),
-                   static_cast<float>(h.weight_decay),
-                   scale.value_or(1.0f),
-                   scale.has_value(),
-                   h.maximize,
-                   h.nesterov,
-                   is_first_step};
-  at::parallel_for(0, p.numel(), 32768, [&](int64_t begin, int64_t end) {
-    if (p.scalar_type() == at::kBFloat16) {
-      sgd_lowp_range_bf16(p.data_ptr<c10::BFloat16>(), g.data_ptr<c10::BFloat16>(), b.data_ptr<c10::BFloat16>(), begin,
-                          end, args);
-    } else {
-      sgd_lowp_range_fp16(p.data_ptr<c10::Half>(), g.data_ptr<c10::Half>(), b.data_ptr<c10::Half>(), begin, end, args);
-    }
-  });
-  if (!p.is_same(param)) param.copy_(p);
-  if (!g.is_same(grad) && args.unscale) grad.copy_(g);
-  if (!b.is_same(buf)) buf.copy_(b);
-}
-
-// torch's fused optimizers pass a CPU tensor lr as it is (the kernels read it) and copy one on
-// another device to each parameter device.
-at::Tensor lr_on(const at::Tensor& lr, const c10::Device& device) {
-  return lr.device().is_cpu() || lr.device() == device ? lr : lr.to(device, /*non_blocking=*/true);
-}
-
-void check_lr_tensor(const char* who, const at::Tensor& lr) {
-  TORCH_CHECK_VALUE(!lr.defined() || (lr.numel() == 1 && lr.is_floating_point()), who,
-                    ": expected a tensor lr to be a 1-element floating tensor, got ", describe(lr));
-}
-
 bool found_inf_is_set(const at::Tensor& found_inf) { return found_inf.defined() && found_inf.item<float>() != 0.0f; }
 
 void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                  at::TensorList max_exp_avg_sqs, at::TensorList steps, const AdamHyper& h, const at::Tensor& grad_scale,
                  const at::Tensor& found_inf) {
-  const char* who = h.decoupled_weight_decay ? "AdamW" : "Adam";
+  const char* who = h.decoupled_weight_decay ? AdamWOptions::kName : AdamOptions::kName;
   check_lr_tensor(who, h.lr_tensor);
   check_scale_tensor(grad_scale, "grad_scale");
   check_scale_tensor(found_inf, "found_inf");
-  check_list(who, "grads", grads, params, false);
-  for (size_t i = 0; i < params.size(); ++i) check_param_grad(who, params[i], grads[i], 0, i);
-  check_list(who, "exp_avgs", exp_avgs, params, false);
-  check_list(who, "exp_avg_sqs", exp_avg_sqs, params, false);
+  check_params_and_grads(who, params, grads);
+  check_state_list(who, "exp_avgs", exp_avgs, params, StateKind::like_param);
+  check_state_list(who, "exp_avg_sqs", exp_avg_sqs, params, StateKind::like_param);
   if (h.amsgrad) {
-    check_list(who, "max_exp_avg_sqs", max_exp_avg_sqs, params, false);
+    check_state_list(who, "max_exp_avg_sqs", max_exp_avg_sqs, params, StateKind::like_param);
   } else {
     TORCH_CHECK_VALUE(max_exp_avg_sqs.empty(), who, ": expected no max_exp_avg_sqs without amsgrad, got ",
                       max_exp_avg_sqs.size());
   }
-  check_list(who, "state_steps", steps, params, true);
+  check_state_list(who, "state_steps", steps, params, StateKind::step);
   if (params.empty()) return;
-
   auto scales = grad_scale_copies(grad_scale);
   auto infs = found_inf_copies(found_inf);
-  for (const auto& idx : group_by_device_and_dtype(params)) {
-    const c10::Device device = params[idx[0]].device();
-    const auto p = pick(params, idx);
-    const auto g = pick(grads, idx);
-    const auto m = pick(exp_avgs, idx);
-    const auto v = pick(exp_avg_sqs, idx);
-    const auto vmax = pick(max_exp_avg_sqs, idx);
-    const auto s = pick(steps, idx);
-    const at::Tensor gs = scales.get(device);
-    const at::Tensor fi = infs.get(device);
-    const std::optional<at::Tensor> gs_opt = gs.defined() ? std::optional<at::Tensor>(gs) : std::nullopt;
-    const std::optional<at::Tensor> fi_opt = fi.defined() ? std::optional<at::Tensor>(fi) : std::nullopt;
-    // torch counts first and rolls the count back by found_inf afterwards, all on the device.
-    at::_foreach_add_(s, 1);
-    if (h.lr_tensor.defined()) {
-      const at::Tensor lr = lr_on(h.lr_tensor, device);
-      if (h.decoupled_weight_decay) {
-        at::_fused_adamw_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
-                          gs_opt, fi_opt);
-      } else {
-        at::_fused_adam_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
-                         gs_opt, fi_opt);
-      }
-    } else if (h.decoupled_weight_decay) {
-      at::_fused_adamw_(p, g, m, v, vmax, s, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
-                        gs_opt, fi_opt);
-    } else {
-      at::_fused_adam_(p, g, m, v, vmax, s, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
-                       gs_opt, fi_opt);
-    }
-    if (fi.defined()) at::_foreach_sub_(s, std::vector<at::Tensor>(s.size(), fi));
-  }
+  run_fused_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, scales, infs);
 }
 
 void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const SGDHyper& h,
                 bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
-  check_lr_tensor("SGD", h.lr_tensor);
+  const char* who = SGDOptions::kName;
+  check_lr_tensor(who, h.lr_tensor);
   check_scale_tensor(grad_scale, "grad_scale");
   check_scale_tensor(found_inf, "found_inf");
-  check_list("SGD", "grads", grads, params, false);
-  for (size_t i = 0; i < params.size(); ++i) check_param_grad("SGD", params[i], grads[i], 0, i);
+  check_params_and_grads(who, params, grads);
   if (h.momentum != 0) {
-    check_list("SGD", "momentum_buffers", momentum_buffers, params, false);
+    check_state_list(who, "momentum_buffers", momentum_buffers, params, StateKind::like_param);
   } else {
-    TORCH_CHECK_VALUE(momentum_buffers.empty(), "SGD: expected no momentum_buffers with momentum 0, got ",
+    TORCH_CHECK_VALUE(momentum_buffers.empty(), who, ": expected no momentum_buffers with momentum 0, got ",
                       momentum_buffers.size());
   }
   if (params.empty()) return;
   auto scales = grad_scale_copies(grad_scale);
   auto infs = found_inf_copies(found_inf);
-  for (const auto& idx : group_by_device_and_dtype(params)) {
-    const c10::Device device = params[idx[0]].device();
-    const at::Tensor gs = scales.get(device);
-    const at::Tensor fi = infs.get(device);
-    const auto dtype = params[idx[0]].scalar_type();
-    if (device.is_cpu() && h.momentum != 0 && (dtype == at::kHalf || dtype == at::kBFloat16)) {
-      for (size_t i : idx) sgd_lowp_cpu_(params[i], grads[i], momentum_buffers[i], h, is_first_step, gs, fi);
-      continue;
-    }
-    const auto gs_opt = gs.defined() ? std::optional<at::Tensor>(gs) : std::nullopt;
-    const auto fi_opt = fi.defined() ? std::optional<at::Tensor>(fi) : std::nullopt;
-    if (h.lr_tensor.defined()) {
-      at::_fused_sgd_(pick(params, idx), pick(grads, idx), pick(momentum_buffers, idx), h.weight_decay, h.momentum,
-                      lr_on(h.lr_tensor, device), h.dampening, h.nesterov, h.maximize, is_first_step, gs_opt, fi_opt);
-    } else {
-      at::_fused_sgd_(pick(params, idx), pick(grads, idx), pick(momentum_buffers, idx), h.weight_decay, h.momentum,
-                      h.lr, h.dampening, h.nesterov, h.maximize, is_first_step, gs_opt, fi_opt);
-    }
-  }
+  run_fused_sgd(params, grads, momentum_buffers, h, is_first_step, scales, infs);
 }
 
 }  // namespace detail

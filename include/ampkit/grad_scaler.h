@@ -36,9 +36,17 @@ class OutputArchive;
 
 namespace ampkit {
 
+/// The default min_scale of a GradScaler: FLT_MIN, the smallest positive normal float32 (the
+/// scale's type), 1.1754943508222875e-38. Python's ampkit.GradScaler uses the same value,
+/// torch.finfo(torch.float32).tiny.
+inline constexpr double kDefaultMinScale = std::numeric_limits<float>::min();
+
 /// Options of a GradScaler, with `torch.amp.GradScaler`'s defaults. Chained setters:
 /// `GradScalerOptions().init_scale(1024).growth_interval(100)`. Validated by GradScaler
 /// (or by validate()), which throws c10::ValueError naming the offending option.
+///
+/// The setters repeat one shape on purpose: each is written out to carry its own documented range
+/// (TORCH_ARG would also add mutable getters that skip validation, and needs torch/arg.h here).
 struct GradScalerOptions {
   /// Scale before the first update() (torch: 2**16). Finite, > 0, within [min_scale, max_scale].
   GradScalerOptions& init_scale(double v) {
@@ -104,7 +112,7 @@ struct GradScalerOptions {
   double backoff_factor_ = 0.5;
   int64_t growth_interval_ = 2000;
   bool enabled_ = true;
-  double min_scale_ = 1.1754943508222875e-38;  // FLT_MIN, the smallest positive normal float
+  double min_scale_ = kDefaultMinScale;
   double max_scale_ = std::numeric_limits<double>::infinity();
   int64_t hysteresis_ = 1;
 };
@@ -266,8 +274,17 @@ class GradScaler {
 
   void check_initialized(const char* call) const;
   void lazy_init(const c10::Device& device);
-  PerOptimizerState& state_of(const torch::optim::Optimizer& optimizer);
+  /// Divides \p optimizer's grads by the scale; one found_inf per device.
+  std::vector<at::Tensor> unscale_grads_of(const torch::optim::Optimizer& optimizer) const;
+  void set_stage(const torch::optim::Optimizer& optimizer, OptimizerStage stage, std::vector<at::Tensor> found_infs);
+  /// step() for a ScaleAwareOptimizer: step_scaled() with the scale and the inf flag, no host sync.
+  bool step_sync_free(torch::optim::Optimizer& optimizer, ScaleAwareOptimizer& aware, OptimizerStage stage);
+  /// step() for any other optimizer: unscale unless done, read found_inf on the host, step unless set.
+  bool step_with_sync(torch::optim::Optimizer& optimizer, OptimizerStage stage);
   void record_step(const at::Tensor& found_inf, std::optional<bool> skipped);
+  /// What every setter does: validates \p candidate (the options with one value changed) and
+  /// takes it, or throws and keeps the options as they were.
+  void commit_options(const GradScalerOptions& candidate);
 
   GradScalerOptions options_;
   at::Tensor scale_;            // 0-dim float32, created by the first scale()

@@ -32,14 +32,24 @@
 
 namespace ampkit::optim {
 
-/// Options of Adam, with torch.optim.Adam's defaults. `AdamOptions(1e-3).betas({0.9, 0.95})`.
-struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions> {
-  AdamOptions(double lr = 1e-3) : lr_(lr) {}
+/// Options of Adam and AdamW, written once: the two differ only in the kind of weight decay
+/// (\p DecoupledWeightDecay) and its default, torch.optim.Adam's 0 or torch.optim.AdamW's 1e-2.
+/// Used through the names AdamOptions and AdamWOptions: `AdamOptions(1e-3).betas({0.9, 0.95})`.
+/// The two are distinct types (a group's options must be of its optimizer's), with the same
+/// fields, checks and archive keys (lr, betas, eps, weight_decay, amsgrad, maximize).
+template <bool DecoupledWeightDecay>
+struct AdamFamilyOptions : public torch::optim::OptimizerCloneableOptions<AdamFamilyOptions<DecoupledWeightDecay>> {
+  /// The optimizer's name, "Adam" or "AdamW", as error messages give it.
+  static constexpr const char* kName = DecoupledWeightDecay ? "AdamW" : "Adam";
+  /// Whether weight decay is decoupled from the gradient (AdamW) or added to it as L2 (Adam).
+  static constexpr bool kDecoupledWeightDecay = DecoupledWeightDecay;
+
+  AdamFamilyOptions(double lr = 1e-3) : lr_(lr) {}
   TORCH_ARG(double, lr) = 1e-3;
   using betas_t = std::tuple<double, double>;
   TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
   TORCH_ARG(double, eps) = 1e-8;
-  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(double, weight_decay) = DecoupledWeightDecay ? 1e-2 : 0.0;
   TORCH_ARG(bool, amsgrad) = false;
   TORCH_ARG(bool, maximize) = false;
 
@@ -51,32 +61,24 @@ struct AdamOptions : public torch::optim::OptimizerCloneableOptions<AdamOptions>
   void serialize(torch::serialize::OutputArchive& archive) const override;
   double get_lr() const override { return lr(); }
   void set_lr(const double lr) override { this->lr(lr); }
-  friend bool operator==(const AdamOptions& a, const AdamOptions& b);
+  friend bool operator==(const AdamFamilyOptions& a, const AdamFamilyOptions& b) {
+    return a.lr() == b.lr() && a.betas() == b.betas() && a.eps() == b.eps() && a.weight_decay() == b.weight_decay() &&
+           a.amsgrad() == b.amsgrad() && a.maximize() == b.maximize();
+  }
 };
 
+/// Options of Adam, with torch.optim.Adam's defaults (weight_decay 0, added to the gradient).
+using AdamOptions = AdamFamilyOptions<false>;
 /// Options of AdamW: Adam's, with torch.optim.AdamW's default weight_decay 1e-2 (decoupled).
-struct AdamWOptions : public torch::optim::OptimizerCloneableOptions<AdamWOptions> {
-  AdamWOptions(double lr = 1e-3) : lr_(lr) {}
-  TORCH_ARG(double, lr) = 1e-3;
-  using betas_t = std::tuple<double, double>;
-  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
-  TORCH_ARG(double, eps) = 1e-8;
-  TORCH_ARG(double, weight_decay) = 1e-2;
-  TORCH_ARG(bool, amsgrad) = false;
-  TORCH_ARG(bool, maximize) = false;
-
- public:
-  /// Same ranges as AdamOptions::validate().
-  void validate() const;
-  void serialize(torch::serialize::InputArchive& archive) override;
-  void serialize(torch::serialize::OutputArchive& archive) const override;
-  double get_lr() const override { return lr(); }
-  void set_lr(const double lr) override { this->lr(lr); }
-  friend bool operator==(const AdamWOptions& a, const AdamWOptions& b);
-};
+using AdamWOptions = AdamFamilyOptions<true>;
+extern template struct AdamFamilyOptions<false>;
+extern template struct AdamFamilyOptions<true>;
 
 /// Options of SGD, with torch.optim.SGD's defaults (lr 1e-3 as in torch >= 2.1).
 struct SGDOptions : public torch::optim::OptimizerCloneableOptions<SGDOptions> {
+  /// The optimizer's name, as error messages give it.
+  static constexpr const char* kName = "SGD";
+
   SGDOptions(double lr = 1e-3) : lr_(lr) {}
   TORCH_ARG(double, lr) = 1e-3;
   TORCH_ARG(double, momentum) = 0;
@@ -124,7 +126,9 @@ struct SGDParamState : public torch::optim::OptimizerCloneableParamState<SGDPara
 /// Param groups: a group given with options of this optimizer's type keeps them exactly as given
 /// (torch::optim merges unset fields from the defaults only for its own option types); a group
 /// without options takes the defaults. Group options are checked at construction and before every
-/// step (an edited lr < 0 throws c10::ValueError, nothing changed).
+/// step (an edited lr < 0 throws c10::ValueError, nothing changed), and so is every parameter with a
+/// grad and its grad (errors name the group and the index in it). The per-parameter state is the
+/// optimizer's own (made at the first step, or checked by load()) and is not checked again.
 class FusedOptimizer : public torch::optim::Optimizer, public ScaleAwareOptimizer {
  public:
   using torch::optim::Optimizer::Optimizer;
@@ -139,18 +143,23 @@ class FusedOptimizer : public torch::optim::Optimizer, public ScaleAwareOptimize
   void step_scaled(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
 
  protected:
-  /// The update itself; arguments already validated.
+  /// The update itself. step_scaled() has checked everything first (the scale tensors, every
+  /// group's options, every parameter with a grad and its grad), so a bad argument changes nothing.
   virtual void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) = 0;
   /// Throws c10::ValueError unless every group's options are of this optimizer's type and valid.
   virtual void check_groups() const = 0;
+  /// "Adam", "AdamW", "SGD": the name error messages start with.
+  virtual const char* name() const = 0;
 };
 
-/// Adam (torch.optim.Adam(fused=True)): amsgrad, L2 weight decay, maximize.
-class Adam : public FusedOptimizer {
+/// Adam and AdamW, written once; \p Options (AdamOptions or AdamWOptions) decides the weight
+/// decay. Use them through the classes Adam and AdamW.
+template <class Options>
+class AdamFamily : public FusedOptimizer {
  public:
   /// Throws c10::ValueError for no parameters, options out of range or of another optimizer.
-  explicit Adam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamOptions defaults = {});
-  explicit Adam(std::vector<at::Tensor> params, AdamOptions defaults = {});
+  explicit AdamFamily(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, Options defaults = {});
+  explicit AdamFamily(std::vector<at::Tensor> params, Options defaults = {});
 
   void save(torch::serialize::OutputArchive& archive) const override;
   /// Loads what save() wrote; checks group sizes and state shapes first (nothing changes on a
@@ -160,20 +169,21 @@ class Adam : public FusedOptimizer {
  protected:
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
+  const char* name() const override;
+};
+extern template class AdamFamily<AdamOptions>;
+extern template class AdamFamily<AdamWOptions>;
+
+/// Adam (torch.optim.Adam(fused=True)): amsgrad, L2 weight decay, maximize.
+class Adam : public AdamFamily<AdamOptions> {
+ public:
+  using AdamFamily::AdamFamily;
 };
 
 /// AdamW (torch.optim.AdamW(fused=True)): Adam with decoupled weight decay.
-class AdamW : public FusedOptimizer {
+class AdamW : public AdamFamily<AdamWOptions> {
  public:
-  explicit AdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, AdamWOptions defaults = {});
-  explicit AdamW(std::vector<at::Tensor> params, AdamWOptions defaults = {});
-
-  void save(torch::serialize::OutputArchive& archive) const override;
-  void load(torch::serialize::InputArchive& archive) override;
-
- protected:
-  void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
-  void check_groups() const override;
+  using AdamFamily::AdamFamily;
 };
 
 /// SGD (torch.optim.SGD(fused=True)): momentum, dampening, Nesterov, weight decay, maximize.
@@ -199,6 +209,7 @@ class SGD : public FusedOptimizer {
  protected:
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
+  const char* name() const override;
 };
 
 }  // namespace ampkit::optim

@@ -33,6 +33,7 @@ class Module;
 namespace ampkit {
 
 /// Options of a Trainer. Chained setters: `TrainerOptions(c10::kCUDA).accumulation_steps(4)`.
+/// Written out one by one, as GradScalerOptions' are, each with its documentation.
 struct TrainerOptions {
   /// \param device_type device type of the autocast region and of the parameters (cpu, cuda)
   TrainerOptions(c10::DeviceType device_type = c10::kCPU) : device_type_(device_type) {}

@@ -21,8 +21,9 @@ from . import _C
 
 __all__ = ["GradScaler", "OptState"]
 
-# Smallest positive normal float32: the default lower bound of the scale.
-_FLT_MIN = 1.1754943508222875e-38
+# The default lower bound of the scale: FLT_MIN, the smallest positive normal float32, which is
+# C++'s ampkit::kDefaultMinScale; read from torch rather than written out a second time.
+_FLT_MIN = torch.finfo(torch.float32).tiny
 _MAX_INT32 = 2**31 - 1
 
 

@@ -1,5 +1,7 @@
 #include "test_helpers.h"
 
+#include "autocast_kernel.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <set>
@@ -226,4 +228,22 @@ TEST_CASE("an operator defined again with other arguments is never run with its 
     CHECK_FALSE(ampkit::get_policy("ampkit_redef::f", c10::kCUDA).has_value());  // needs a dtype argument
   }
   lib.reset();
+}
+
+TEST_CASE("the device types with a table come from one list", "[cast_policy]") {
+  using ampkit::detail::kPolicyDevices;
+  CHECK(ampkit::policy_device_types() == std::vector<c10::DeviceType>{c10::kCPU, c10::kCUDA});
+  for (int d = 0; d < ampkit::detail::kNumPolicyDevices; ++d) {
+    CHECK(ampkit::policy_device_types()[d] == kPolicyDevices[d].type);
+    CHECK(ampkit::detail::policy_device_index(kPolicyDevices[d].type) == d);
+    CHECK(ampkit::detail::policy_device_type(d) == kPolicyDevices[d].type);
+    CHECK(ampkit::has_policy_table(kPolicyDevices[d].type));
+  }
+  CHECK(ampkit::detail::policy_device_index(c10::kXPU) == -1);
+  CHECK(ampkit::detail::torch_autocast_key(ampkit::detail::policy_device_index(c10::kCPU)) ==
+        c10::DispatchKey::AutocastCPU);
+  CHECK(ampkit::detail::torch_autocast_key(ampkit::detail::policy_device_index(c10::kCUDA)) ==
+        c10::DispatchKey::AutocastCUDA);
+  CHECK(ampkit::detail::kTorchAutocastKeys ==
+        c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
 }

@@ -166,6 +166,7 @@ TEST_CASE("GradScalerOptions: torch's defaults and chained setters", "[grad_scal
   CHECK(o.growth_interval() == 2000);
   CHECK(o.enabled());
   CHECK(o.min_scale() == static_cast<double>(FLT_MIN));
+  CHECK(ampkit::kDefaultMinScale == static_cast<double>(FLT_MIN));
   CHECK(std::isinf(o.max_scale()));
   CHECK(o.hysteresis() == 1);
 

@@ -1,8 +1,12 @@
 #include "test_helpers.h"
 
+#include "optim_detail.h"
+
 #include <torch/serialize.h>
 
 #include <sstream>
+#include <string>
+#include <type_traits>
 
 using ampkit_test::bitwise_equal;
 using ampkit_test::error_of;
@@ -244,6 +248,125 @@ TEST_CASE("save and load continue bitwise", "[optim]") {
                Catch::Contains("expected param group 0 to hold 2 parameters, got 3"));
     CHECK(wrong.state().empty());
     CHECK(static_cast<const ao::AdamWOptions&>(wrong.param_groups()[0].options()).lr() == 0.5);
+  }
+}
+
+namespace {
+
+// Checks that \p path, an archive written by commit 5f986b7 (before Adam and AdamW shared one
+// template), loads into today's \p Opt: the recipe below is the one that wrote it (two groups with
+// options \p o0 and \p o1, three steps from seeded params and grads, the params added under
+// "test_params"), rerun here and compared bitwise with what was loaded.
+template <class Opt, class Options>
+void check_old_archive_loads(const std::string& path, Options o0, Options o1, uint64_t seed) {
+  torch::manual_seed(seed);
+  std::vector<at::Tensor> ps;
+  for (auto sizes : {std::vector<int64_t>{33, 7}, {7}, {5, 3, 2}}) ps.push_back(torch::randn(sizes).requires_grad_());
+  auto groups_of = [&](const std::vector<at::Tensor>& t) {
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.emplace_back(std::vector<at::Tensor>{t[0], t[1]}, std::make_unique<Options>(o0));
+    groups.emplace_back(std::vector<at::Tensor>{t[2]}, std::make_unique<Options>(o1));
+    return groups;
+  };
+  auto loaded_ps = clone_params(ps);
+  Opt rerun(groups_of(ps), Options());
+  for (int it = 0; it < 3; ++it) {
+    torch::manual_seed(seed * 100 + it);
+    for (auto& p : ps) p.mutable_grad() = torch::randn(p.sizes());
+    rerun.step();
+  }
+
+  Opt loaded(groups_of(loaded_ps), Options(0.5));
+  torch::serialize::InputArchive archive;
+  archive.load_from(path);
+  loaded.load(archive);
+  torch::serialize::InputArchive saved_params;
+  archive.read("test_params", saved_params);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    at::Tensor saved;
+    saved_params.read("p" + std::to_string(i), saved);
+    CHECK(bitwise_equal(saved, ps[i]));
+  }
+  for (size_t g = 0; g < 2; ++g) {
+    CHECK(static_cast<const Options&>(loaded.param_groups()[g].options()) ==
+          static_cast<const Options&>(rerun.param_groups()[g].options()));
+  }
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const auto& want = static_cast<ao::AdamParamState&>(*rerun.state().at(ps[i].unsafeGetTensorImpl()));
+    const auto& got = static_cast<ao::AdamParamState&>(*loaded.state().at(loaded_ps[i].unsafeGetTensorImpl()));
+    CHECK(bitwise_equal(got.step(), want.step()));
+    CHECK(bitwise_equal(got.exp_avg(), want.exp_avg()));
+    CHECK(bitwise_equal(got.exp_avg_sq(), want.exp_avg_sq()));
+    CHECK(got.max_exp_avg_sq().defined() == want.max_exp_avg_sq().defined());
+    if (want.max_exp_avg_sq().defined()) CHECK(bitwise_equal(got.max_exp_avg_sq(), want.max_exp_avg_sq()));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("archives written before Adam and AdamW shared their code still load", "[optim]") {
+  const std::string dir = AMPKIT_TEST_DATA_DIR;
+  check_old_archive_loads<ao::Adam>(dir + "/adam_5f986b7.pt", ao::AdamOptions(1e-2).amsgrad(true).weight_decay(0.1),
+                                    ao::AdamOptions(5e-3).betas({0.8, 0.95}).eps(1e-6).maximize(true), 21);
+  check_old_archive_loads<ao::AdamW>(dir + "/adamw_5f986b7.pt", ao::AdamWOptions(1e-2).amsgrad(true),
+                                     ao::AdamWOptions(5e-3).betas({0.8, 0.95}).weight_decay(0.3), 22);
+}
+
+TEST_CASE("Adam and AdamW options stay distinct types with their own defaults", "[optim]") {
+  STATIC_REQUIRE_FALSE(std::is_same_v<ao::AdamOptions, ao::AdamWOptions>);
+  STATIC_REQUIRE(std::is_base_of_v<ao::FusedOptimizer, ao::Adam>);
+  STATIC_REQUIRE_FALSE(std::is_base_of_v<ao::Adam, ao::AdamW>);
+  CHECK(ao::AdamOptions(0.1).weight_decay() == 0.0);
+  CHECK(ao::AdamWOptions(0.1).weight_decay() == 1e-2);
+  // An AdamW group with Adam's options is refused by name.
+  auto p = make_params(12);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(p, std::make_unique<ao::AdamOptions>(1e-2));
+  CHECK_THAT(error_of([&] { ao::AdamW(groups, ao::AdamWOptions()); }),
+             Catch::Contains("AdamW: expected the options of param group 0 to be ampkit::optim::AdamWOptions"));
+}
+
+TEST_CASE("a bad gradient is named by its group and its index, and changes nothing", "[optim]") {
+  auto q = make_params(13);
+  const auto before = clone_params(q);
+  auto groups = [&] {
+    std::vector<torch::optim::OptimizerParamGroup> two;
+    two.emplace_back(std::vector<at::Tensor>{q[0]});
+    two.emplace_back(std::vector<at::Tensor>{q[1], q[2]});
+    return two;
+  };
+  for (auto& t : q) t.mutable_grad() = torch::ones_like(t);
+  q[2].mutable_grad() = torch::ones({4});
+  const std::string expected_sgd =
+      "SGD: expected each gradient to match its parameter's dtype, device and shape (CPUFloatType of shape [5, 3, 2] "
+      "on cpu), got CPUFloatType of shape [4] on cpu (group 1, index 1)";
+  SECTION("SGD") {
+    ao::SGD sgd(groups(), ao::SGDOptions(0.1).momentum(0.9));
+    CHECK_THAT(error_of([&] { sgd.step(); }), Catch::Contains(expected_sgd));
+    CHECK(sgd.state().empty());  // not even group 0's buffer
+    CHECK(all_bitwise(q, before));
+  }
+  SECTION("AdamW") {
+    ao::AdamW adamw(groups());
+    CHECK_THAT(error_of([&] { adamw.step(); }),
+               Catch::Contains("AdamW: expected each gradient to match") && Catch::Contains("(group 1, index 1)"));
+    CHECK(adamw.state().empty());
+    CHECK(all_bitwise(q, before));
+  }
+  SECTION("the flat lists of fused_sgd_ / fused_adam_ know no groups: the index in the list") {
+    ao::detail::SGDHyper h;
+    const std::string msg = error_of([&] {
+      ao::detail::fused_sgd_({q[0], q[2]}, {q[0].grad(), q[2].grad()}, {}, h, false, at::Tensor(), at::Tensor());
+    });
+    CHECK_THAT(msg, Catch::EndsWith("got CPUFloatType of shape [4] on cpu (index 1)"));
+    CHECK_THAT(msg, !Catch::Contains("group"));
+    const std::string adam_msg = error_of([&] {
+      ao::detail::fused_adam_({q[2]}, {q[2].grad()}, {}, {}, {}, {}, ao::detail::AdamHyper(), at::Tensor(),
+                              at::Tensor());
+    });
+    CHECK_THAT(adam_msg, Catch::StartsWith("Adam: expected each gradient to match") &&
+                             Catch::EndsWith("got CPUFloatType of shape [4] on cpu (index 0)"));
+    CHECK(all_bitwise(q, before));
   }
 }
 
