@@ -360,13 +360,13 @@ def test_errors():
 
 
 def test_a_bad_gradient_is_named_by_its_index_in_the_list():
-    # _fused_sgd_ / _fused_adam_ take one group's flat lists: the message names the index in them and
-    # no group (it said "group 0" for every group before).
+    # torch.ops.ampkit.fused_sgd_ / fused_adam_ take one group's flat lists: the message names the
+    # index in them and no group (it said "group 0" for every group before).
     params = [torch.zeros(2), torch.zeros(3)]
     grads = [torch.zeros(2), torch.zeros(4)]
     with pytest.raises(ValueError) as info:
-        ampkit._C._fused_sgd_(params, grads, [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                              nesterov=False, maximize=False, is_first_step=False)
+        torch.ops.ampkit.fused_sgd_(params, grads, [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                                    nesterov=False, maximize=False, is_first_step=False)
     assert str(info.value).startswith("SGD: expected each gradient to match its parameter's dtype, device and shape")
     assert "got CPUFloatType of shape [4] on cpu (index 1)" in str(info.value)
     assert "group" not in str(info.value)
