@@ -534,6 +534,8 @@ void GradScaler::load(torch::serialize::InputArchive& archive) {
   load_state_dict(state);
 }
 
+// The stream operators of torch::save / torch::load, one pair per type as torch declares them for
+// its modules and optimizers (a template over "anything with save()" would catch unrelated types).
 torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive, const GradScaler& scaler) {
   scaler.save(archive);
   return archive;

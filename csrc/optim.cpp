@@ -239,10 +239,17 @@ std::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// torch's fused optimizers pass a CPU tensor lr as it is (the kernels read it) and copy one on
-// another device to each parameter device.
-at::Tensor lr_on(const at::Tensor& lr, const c10::Device& device) {
-  return lr.device().is_cpu() || lr.device() == device ? lr : lr.to(device, /*non_blocking=*/true);
+// Calls \p run with the lr of \p h as ATen's fused kernels take it, which have one overload per lr
+// type: the double, or the tensor. torch's fused optimizers pass a CPU tensor lr as it is (the
+// kernels read it) and copy one on another device to each parameter device.
+template <class Hyper, class Run>
+void with_lr(const Hyper& h, const c10::Device& device, Run&& run) {
+  const at::Tensor& lr = h.lr_tensor;
+  if (!lr.defined()) {
+    run(h.lr);
+  } else {
+    run(lr.device().is_cpu() || lr.device() == device ? lr : lr.to(device, /*non_blocking=*/true));
+  }
 }
 
 // torch's _fused_adam / _fused_adamw over each device and dtype: steps counted first and rolled
@@ -262,8 +269,7 @@ void run_fused_adam(at::TensorList params, at::TensorList grads, at::TensorList 
     const auto gs_opt = optional_of(scales.get(device));
     const auto fi_opt = optional_of(fi);
     at::_foreach_add_(s, 1);
-    // ATen has one overload per lr type (double or tensor) of each kernel.
-    const auto run = [&](const auto& lr) {
+    with_lr(h, device, [&](const auto& lr) {
       if (h.decoupled_weight_decay) {
         at::_fused_adamw_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
                           gs_opt, fi_opt);
@@ -271,12 +277,7 @@ void run_fused_adam(at::TensorList params, at::TensorList grads, at::TensorList 
         at::_fused_adam_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
                          gs_opt, fi_opt);
       }
-    };
-    if (h.lr_tensor.defined()) {
-      run(lr_on(h.lr_tensor, device));
-    } else {
-      run(h.lr);
-    }
+    });
     if (fi.defined()) at::_foreach_sub_(s, std::vector<at::Tensor>(s.size(), fi));
   }
 }
@@ -331,16 +332,10 @@ void run_fused_sgd(at::TensorList params, at::TensorList grads, at::TensorList m
       run_sgd_lowp_cpu(p, g, b, h, is_first_step, gs, fi);
       continue;
     }
-    // ATen has one overload per lr type (double or tensor).
-    const auto run = [&](const auto& lr) {
+    with_lr(h, device, [&](const auto& lr) {
       at::_fused_sgd_(p, g, b, h.weight_decay, h.momentum, lr, h.dampening, h.nesterov, h.maximize, is_first_step,
                       optional_of(gs), optional_of(fi));
-    };
-    if (h.lr_tensor.defined()) {
-      run(lr_on(h.lr_tensor, device));
-    } else {
-      run(h.lr);
-    }
+    });
   }
 }
 

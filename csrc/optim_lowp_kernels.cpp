@@ -145,17 +145,17 @@ AMPKIT_INLINE void sgd_lowp_range(T* __restrict__ param, T* __restrict__ grad, T
 #if defined(AMPKIT_X86_DISPATCH)
 // One copy of the pass per instruction set; sgd_lowp_range is inlined into each, so each copy is
 // compiled and vectorized for its target.
-#define AMPKIT_DEFINE_TARGET(suffix, features)                                                                        \
-  __attribute__((target(features))) void sgd_lowp_bf16_##suffix(c10::BFloat16* p, c10::BFloat16* g, c10::BFloat16* b, \
-                                                                int64_t begin, int64_t end, const SgdLowpArgs& a) {   \
-    sgd_lowp_range<true>(p, g, b, begin, end, a);                                                                     \
-  }                                                                                                                   \
-  __attribute__((target(features))) void sgd_lowp_fp16_##suffix(c10::Half* p, c10::Half* g, c10::Half* b,             \
-                                                                int64_t begin, int64_t end, const SgdLowpArgs& a) {   \
-    sgd_lowp_range<true>(p, g, b, begin, end, a);                                                                     \
+// The copies are overloads (one name per instruction set, one overload per dtype), so that
+// sgd_lowp_for_cpu below picks among them for either dtype.
+#define AMPKIT_DEFINE_TARGET(suffix, features, T)                                                        \
+  __attribute__((target(features))) void sgd_lowp_##suffix(T* p, T* g, T* b, int64_t begin, int64_t end, \
+                                                           const SgdLowpArgs& a) {                       \
+    sgd_lowp_range<true>(p, g, b, begin, end, a);                                                        \
   }
-AMPKIT_DEFINE_TARGET(avx512, "avx512f,avx512bw,avx512vl,avx2,f16c")
-AMPKIT_DEFINE_TARGET(avx2, "avx2,f16c")
+AMPKIT_DEFINE_TARGET(avx512, "avx512f,avx512bw,avx512vl,avx2,f16c", c10::BFloat16)
+AMPKIT_DEFINE_TARGET(avx512, "avx512f,avx512bw,avx512vl,avx2,f16c", c10::Half)
+AMPKIT_DEFINE_TARGET(avx2, "avx2,f16c", c10::BFloat16)
+AMPKIT_DEFINE_TARGET(avx2, "avx2,f16c", c10::Half)
 #undef AMPKIT_DEFINE_TARGET
 
 enum class Isa { avx512, avx2, baseline };
@@ -179,31 +179,30 @@ Isa cpu_isa() {
 }
 #endif
 
-}  // namespace
-
-// One dispatcher per dtype (the same switch twice): each ISA copy is its own symbol per dtype.
-void sgd_lowp_range_bf16(c10::BFloat16* param, c10::BFloat16* grad, c10::BFloat16* buf, int64_t begin, int64_t end,
-                         const SgdLowpArgs& args) {
+// The copy of the pass that this CPU runs, for either dtype.
+template <class T>
+void sgd_lowp_for_cpu(T* param, T* grad, T* buf, int64_t begin, int64_t end, const SgdLowpArgs& args) {
 #if defined(AMPKIT_X86_DISPATCH)
   switch (cpu_isa()) {
-    case Isa::avx512: return sgd_lowp_bf16_avx512(param, grad, buf, begin, end, args);
-    case Isa::avx2: return sgd_lowp_bf16_avx2(param, grad, buf, begin, end, args);
+    case Isa::avx512: return sgd_lowp_avx512(param, grad, buf, begin, end, args);
+    case Isa::avx2: return sgd_lowp_avx2(param, grad, buf, begin, end, args);
     case Isa::baseline: break;
   }
 #endif
   sgd_lowp_range<false>(param, grad, buf, begin, end, args);
 }
 
+}  // namespace
+
+// One dispatcher per dtype (the same switch twice): each ISA copy is its own symbol per dtype.
+void sgd_lowp_range_bf16(c10::BFloat16* param, c10::BFloat16* grad, c10::BFloat16* buf, int64_t begin, int64_t end,
+                         const SgdLowpArgs& args) {
+  sgd_lowp_for_cpu(param, grad, buf, begin, end, args);
+}
+
 void sgd_lowp_range_fp16(c10::Half* param, c10::Half* grad, c10::Half* buf, int64_t begin, int64_t end,
                          const SgdLowpArgs& args) {
-#if defined(AMPKIT_X86_DISPATCH)
-  switch (cpu_isa()) {
-    case Isa::avx512: return sgd_lowp_fp16_avx512(param, grad, buf, begin, end, args);
-    case Isa::avx2: return sgd_lowp_fp16_avx2(param, grad, buf, begin, end, args);
-    case Isa::baseline: break;
-  }
-#endif
-  sgd_lowp_range<false>(param, grad, buf, begin, end, args);
+  sgd_lowp_for_cpu(param, grad, buf, begin, end, args);
 }
 
 }  // namespace ampkit::optim::detail

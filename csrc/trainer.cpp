@@ -250,6 +250,8 @@ void Trainer::load(const std::string& path) {
   load(archive);
 }
 
+// The stream operators of torch::save / torch::load, one pair per type as torch declares them for
+// its modules and optimizers (a template over "anything with save()" would catch unrelated types).
 torch::serialize::OutputArchive& operator<<(torch::serialize::OutputArchive& archive, const Trainer& trainer) {
   trainer.save(archive);
   return archive;

@@ -88,6 +88,8 @@ struct SGDOptions : public torch::optim::OptimizerCloneableOptions<SGDOptions> {
   TORCH_ARG(bool, maximize) = false;
 
  public:
+  // torch::optim::OptimizerOptions' interface, declared by each options type (as torch's own
+  // AdamOptions and SGDOptions do) over its own fields; AdamFamilyOptions declares the same.
   /// Throws c10::ValueError unless lr, momentum, weight_decay >= 0, and nesterov comes with
   /// momentum > 0 and dampening 0 (torch's rules).
   void validate() const;
