@@ -6,6 +6,9 @@
 
 #include <pybind11/stl.h>
 
+#include <string>
+#include <vector>
+
 namespace ampkit::python {
 
 void bind_cast_policy(py::module_& m) {
@@ -59,6 +62,14 @@ void bind_cast_policy(py::module_& m) {
         });
       },
       py::arg("device_type") = py::none(), "Restores the default table of device_type, or of every device type.");
+  m.def(
+      "policy_device_types",
+      [] {
+        std::vector<std::string> names;
+        for (auto t : policy_device_types()) names.push_back(c10::DeviceTypeName(t, /*lower_case=*/true));
+        return names;
+      },
+      "The device types that have a cast-policy table, e.g. ['cpu', 'cuda'].");
   m.def("_policy_generation", &detail::policy_generation,
         "A counter bumped by every table edit, from C++ or Python (compiled graphs compare it).");
 }

@@ -37,6 +37,7 @@ from ._cast_policy import (
     list_policies,
     default_policies,
     reset_policies,
+    policy_device_types,
 )
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "list_policies",
     "default_policies",
     "reset_policies",
+    "policy_device_types",
     "GradScaler",
     "Trainer",
     "StepStats",

@@ -149,7 +149,7 @@ def checkpoint_context_fn():
     """
     regions = [
         (device, torch.get_autocast_dtype(device), torch.is_autocast_cache_enabled())
-        for device in ("cpu", "cuda")
+        for device in _C.policy_device_types()
         if is_autocast_enabled(device)
     ]
 

@@ -1,7 +1,7 @@
 """The cast-policy tables: which precision each operator runs in under ampkit.autocast."""
 import hashlib
 import sys
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -19,7 +19,7 @@ _our_cache_key_tag: Optional[str] = None
 def _tables_fingerprint() -> Optional[str]:
     """A digest of every table, or None when all of them are torch's defaults."""
     items = []
-    for device_type in ("cpu", "cuda"):
+    for device_type in _C.policy_device_types():
         table = _C.list_policies(device_type)
         if table != _C.default_policies(device_type):
             items.append((device_type, sorted((op, int(p)) for op, p in table.items())))
@@ -117,6 +117,12 @@ def list_policies(device_type: str) -> Dict[str, "CastPolicy"]:
 def default_policies(device_type: str) -> Dict[str, "CastPolicy"]:
     """torch's own autocast list for ``device_type``, for the installed torch version."""
     return _C.default_policies(device_type)
+
+
+def policy_device_types() -> List[str]:
+    """The device types that have a cast-policy table (``["cpu", "cuda"]``); other device types
+    get torch's own autocast."""
+    return _C.policy_device_types()
 
 
 def reset_policies(device_type: Optional[str] = None) -> None:

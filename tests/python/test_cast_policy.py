@@ -188,3 +188,11 @@ print("ok")
 def test_a_torch_region_nested_in_a_region_of_another_device_type_matches_torch():
     out = subprocess.run([sys.executable, "-c", UNARMED_TORCH_REGION], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_policy_device_types_are_the_tables():
+    assert ampkit.policy_device_types() == ["cpu", "cuda"]
+    for device in ampkit.policy_device_types():
+        assert ampkit.list_policies(device) == ampkit.default_policies(device)
+    with pytest.raises(ValueError, match="expected device_type 'cpu' or 'cuda'"):
+        ampkit.list_policies("xpu")
