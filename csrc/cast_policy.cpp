@@ -489,15 +489,26 @@ const std::vector<c10::DeviceType>& policy_device_types() {
 
 bool has_policy_table(c10::DeviceType device_type) { return policy_device_index(device_type) >= 0; }
 
-std::optional<CastPolicy> get_policy(std::string_view op, c10::DeviceType device_type) {
-  const int d = checked_device(device_type);
-  const std::string name = full_name(parse_op_name(op));
+namespace {
+// Runs \p f(registry, table index) under the registry's lock, once the registry is initialized:
+// the prologue of every table call.
+template <class F>
+auto locked(int device, F&& f) {
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
   init_locked(r);
-  auto it = r.tables[d].find(name);
-  if (it == r.tables[d].end()) return std::nullopt;
-  return it->second;
+  return f(r, device);
+}
+}  // namespace
+
+std::optional<CastPolicy> get_policy(std::string_view op, c10::DeviceType device_type) {
+  const int d = checked_device(device_type);
+  const std::string name = full_name(parse_op_name(op));
+  return locked(d, [&](Registry& r, int d) -> std::optional<CastPolicy> {
+    auto it = r.tables[d].find(name);
+    if (it == r.tables[d].end()) return std::nullopt;
+    return it->second;
+  });
 }
 
 void set_policy(std::string_view op, c10::DeviceType device_type, CastPolicy policy) {
@@ -507,48 +518,38 @@ void set_policy(std::string_view op, c10::DeviceType device_type, CastPolicy pol
   auto handle = find_op(op);
   const std::string name = full_name(handle.operator_name());
   auto target = check_policy_fits(name, handle.schema(), policy);
-  auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  init_locked(r);
-  auto& e = entry_for(r, name, handle);
-  if (target) ensure_append_target(r, e);
-  r.tables[d][name] = policy;
-  store_policy(e, d, policy);
-  // An edited table differs from torch's lists: its kernels must be there even for torch regions
-  // nested in ampkit ones, where no ampkit region of this device type was entered.
-  arm_locked(r, d);
-  register_kernel(r, e);
+  locked(d, [&](Registry& r, int d) {
+    auto& e = entry_for(r, name, handle);
+    if (target) ensure_append_target(r, e);
+    r.tables[d][name] = policy;
+    store_policy(e, d, policy);
+    // An edited table differs from torch's lists: its kernels must be there even for torch regions
+    // nested in ampkit ones, where no ampkit region of this device type was entered.
+    arm_locked(r, d);
+    register_kernel(r, e);
+  });
 }
 
 bool remove_policy(std::string_view op, c10::DeviceType device_type) {
   const int d = checked_device(device_type);
   const std::string name = full_name(find_op(op).operator_name());
-  auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  init_locked(r);
-  if (r.tables[d].erase(name) == 0) return false;
-  store_policy(*r.by_name.at(name), d, std::nullopt);
-  arm_locked(r, d);  // as set_policy; the removed op's kernel keeps torch's from casting it
-  register_kernel(r, *r.by_name.at(name));
-  return true;
+  return locked(d, [&](Registry& r, int d) {
+    if (r.tables[d].erase(name) == 0) return false;
+    store_policy(*r.by_name.at(name), d, std::nullopt);
+    arm_locked(r, d);  // as set_policy; the removed op's kernel keeps torch's from casting it
+    register_kernel(r, *r.by_name.at(name));
+    return true;
+  });
 }
 
 PolicyMap list_policies(c10::DeviceType device_type) {
-  const int d = checked_device(device_type);
-  auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  init_locked(r);
-  return r.tables[d];
+  return locked(checked_device(device_type), [](Registry& r, int d) { return r.tables[d]; });
 }
 
 PolicyMap default_policies(c10::DeviceType device_type) { return defaults(checked_device(device_type)); }
 
 void reset_policies(c10::DeviceType device_type) {
-  const int d = checked_device(device_type);
-  auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  init_locked(r);
-  apply_table(r, d, defaults(d));
+  locked(checked_device(device_type), [](Registry& r, int d) { apply_table(r, d, defaults(d)); });
 }
 
 void reset_policies() {
