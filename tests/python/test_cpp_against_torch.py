@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ampkit
+from scaler_sequences import random_scaler_options
 
 CppScaler = ampkit._C._testing.CppScaler
 CppTrainer = ampkit._C._testing.CppTrainer
@@ -33,13 +34,7 @@ def _run_sequence(seed):
     rng = random.Random(seed)
     kind = rng.choice(sorted(OPTIMIZERS))
     lr = rng.choice([0.01, 0.1])
-    kwargs = dict(
-        init_scale=rng.choice([2.0**16, 128.0, 3000.5, 2.0**120, 1e-30]),
-        growth_factor=rng.choice([2.0, 1.5, 4.0]),
-        backoff_factor=rng.choice([0.5, 0.25, 0.9]),
-        growth_interval=rng.choice([1, 2, 3, 7]),
-        enabled=rng.random() > 0.1,
-    )
+    kwargs = random_scaler_options(rng)
     ref_model, cpp_model = _model(seed), _model(seed)
     ref_opt = OPTIMIZERS[kind](ref_model.parameters(), lr)
     ref = torch.amp.GradScaler("cpu", **kwargs)

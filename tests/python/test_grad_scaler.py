@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ampkit
+from scaler_sequences import random_scaler_options
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -96,13 +97,7 @@ def run_random_sequence(seed, device):
     rng = random.Random(seed)
     optimizer = rng.choice(sorted(OPTIMIZERS))
     n_models = rng.choice([1, 1, 2])
-    kwargs = dict(
-        init_scale=rng.choice([2.0**16, 128.0, 3000.5, 2.0**120, 1e-30]),
-        growth_factor=rng.choice([2.0, 1.5, 4.0]),
-        backoff_factor=rng.choice([0.5, 0.25, 0.9]),
-        growth_interval=rng.choice([1, 2, 3, 7]),
-        enabled=rng.random() > 0.1,
-    )
+    kwargs = random_scaler_options(rng)
     twin = Twin(rng, device, optimizer, n_models, kwargs)
     torch.manual_seed(seed)
     for it in range(rng.randint(4, 10)):
