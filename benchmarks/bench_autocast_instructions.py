@@ -14,15 +14,15 @@ Compare two builds by running this script with each on PYTHONPATH. Needs valgrin
     python benchmarks/bench_autocast_instructions.py [--calls 2000] [--json PATH]
 """
 import argparse
-import json
 import os
-import platform
 import re
 import shutil
 import subprocess
 import sys
 
 import torch
+
+from _common import cpu_model, header, write_json
 
 CHILD = r"""
 import sys, torch, ampkit
@@ -51,22 +51,11 @@ def instructions(op, mode, calls, toggle):
     return int(match.group(1)) / calls
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     rows = []
@@ -84,9 +73,11 @@ def main():
         print(f"{r['op']:8s} {r['none_instr']:10.0f} {r['torch_instr']:10.0f} {r['ampkit_instr']:10.0f} "
               f"{r['ampkit_instr'] / r['torch_instr']:13.3f} {r['ampkit_kernel_instr']:14.0f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "torch": torch.__version__, "calls": args.calls, "results": rows}, f,
-                      indent=2)
+        # The header's "cpu" and "torch" keep the names of the first version of this file, which
+        # benchmarks/render_readme.py reads as well (it had no cpu_flags / threads / benchmark).
+        # The child runs one thread; instruction counts need no CPU-time clock.
+        write_json(args.json, {**header("autocast_instructions", threads=1), "tool": "valgrind --tool=callgrind",
+                               "calls": args.calls, "results": rows})
 
 
 if __name__ == "__main__":
