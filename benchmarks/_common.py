@@ -94,8 +94,51 @@ class Timer:
         return False
 
 
-def header(benchmark, cpu_clock=None, threads=None, device="cpu"):
-    """The fields every results JSON starts with: what ran, on which machine, with which clocks."""
+def _machine_busy_s():
+    """Seconds of CPU time the whole machine spent busy since boot (/proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """How busy other processes kept the machine while a block ran: ``with OtherLoad() as load: ...``,
+    then ``load.cores``, the CPU time that the machine spent busy minus this process's own (and its
+    waited-for children's), over the wall time; 0.0 on an otherwise idle machine, about 1.0 while
+    another process holds a core. None where /proc/stat is missing. Resolution: the kernel's tick
+    (10 ms), so short blocks read a few hundredths either way (negative values are clamped to 0)."""
+
+    cores = None
+
+    def start(self):
+        self._m0, self._o0, self._w0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+        return self
+
+    def stop(self):
+        m1, o1, w1 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+        if self._m0 is not None and m1 is not None and w1 > self._w0:
+            self.cores = round(max(0.0, (m1 - self._m0) - (o1 - self._o0)) / (w1 - self._w0), 3)
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+def header(benchmark, cpu_clock=None, threads=None, device="cpu", other_load=None):
+    """The fields every results JSON starts with: what ran, on which machine, with which clocks, and
+    how busy other processes kept the machine meanwhile (an OtherLoad, if given)."""
     import torch
 
     out = {
@@ -108,10 +151,8 @@ def header(benchmark, cpu_clock=None, threads=None, device="cpu"):
         "python": platform.python_version(),
         "threads": torch.get_num_threads() if threads is None else threads,
     }
-    if hasattr(os, "getloadavg"):
-        # Made at the end of most runs: the 1-minute figure is the machine's load during the last
-        # minute of the benchmark (on a 2-core machine, above about 2 means something else ran too).
-        out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    if other_load is not None:
+        out["other_load_cores"] = other_load.cores
     if device.startswith("cuda") and torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     if cpu_clock is not None:

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import ampkit
-from _common import Timer, header, summary, write_json
+from _common import OtherLoad, Timer, header, summary, write_json
 
 MODES = ("none", "torch", "torch-control", "ampkit")
 
@@ -54,6 +54,7 @@ def main(argv=None):
     }
     assert tuple(modes) == MODES
     samples = {(o, m): {"wall": [], "cpu": []} for o in ops for m in modes}
+    load = OtherLoad().start()
     for name, fn in ops.items():  # warm-up
         for mode in modes.values():
             with mode():
@@ -69,6 +70,7 @@ def main(argv=None):
                     torch.cuda.synchronize()
                 samples[(name, mode_name)]["wall"].append(wall)
                 samples[(name, mode_name)]["cpu"].append(cpu)
+    load.stop()
 
     results = []
     print(f"device {args.device}, torch {torch.__version__}, autocast dtype {dtype}, "
@@ -93,7 +95,8 @@ def main(argv=None):
                     "ampkit_over_none": row["ampkit_over_none_wall"]})
         results.append(row)
     if args.json:
-        write_json(args.json, {**header("autocast_overhead", cpu_clock=clock, threads=1, device=args.device),
+        write_json(args.json, {**header("autocast_overhead", cpu_clock=clock, threads=1, device=args.device,
+                                      other_load=load),
                                "dtype": str(dtype), "rounds": args.rounds, "calls": args.calls, "modes": list(MODES),
                                "results": results})
 

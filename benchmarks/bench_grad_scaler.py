@@ -24,7 +24,7 @@ import sys
 import torch
 
 import ampkit
-from _common import Timer, header, percentile, summary, write_json
+from _common import OtherLoad, Timer, header, percentile, summary, write_json
 
 PRESETS = {
     "large": dict(elements=100_000_000, tensors=400, repeats=60),
@@ -90,6 +90,7 @@ def main(argv=None):
     wall = {name: [] for name in scalers}
     cpu = {name: [] for name in scalers}
     names = list(scalers)
+    load = OtherLoad().start()
     for i in range(args.warmup + repeats):
         order = names[i % len(names):] + names[:i % len(names)]  # each goes first in turn
         for name in order:
@@ -97,6 +98,7 @@ def main(argv=None):
             if i >= args.warmup:
                 wall[name].append(w)
                 cpu[name].append(c)
+    load.stop()
     for name, s in scalers.items():
         assert s.get_scale() == scale, f"{name} changed the scale: a gradient overflowed"
 
@@ -105,7 +107,7 @@ def main(argv=None):
         return {"median": statistics.median(ratios), "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9)}
 
     result = {
-        **header("grad_scaler", cpu_clock=CLOCK, device=device),
+        **header("grad_scaler", cpu_clock=CLOCK, device=device, other_load=load),
         "what": "GradScaler unscale_ + step + update (SGD foreach, fp32 grads)",
         "preset": args.preset,
         "elements": per_tensor * tensors,

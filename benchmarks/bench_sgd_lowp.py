@@ -18,7 +18,7 @@ import time
 import torch
 
 import ampkit
-from _common import CPU_CLOCKS, cpu_model, header, percentile, write_json
+from _common import CPU_CLOCKS, OtherLoad, cpu_model, header, percentile, write_json
 
 CLOCK = "process"  # the kernels (torch's foreach and ampkit's) run on torch's intra-op threads
 
@@ -31,8 +31,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=31)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    results = [run(getattr(torch, d), args) for d in args.dtype]
-    out = {**header("sgd_lowp", cpu_clock=CLOCK), "numel": args.numel, "tensors": args.tensors,
+    with OtherLoad() as load:
+        results = [run(getattr(torch, d), args) for d in args.dtype]
+    out = {**header("sgd_lowp", cpu_clock=CLOCK, other_load=load), "numel": args.numel, "tensors": args.tensors,
            "repeats": args.repeats, "results": results}
     if args.json:
         write_json(args.json, out)

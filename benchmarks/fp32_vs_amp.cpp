@@ -27,7 +27,9 @@
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -277,6 +279,41 @@ void train_step(Run& r, const Workload& w, torch::Device device) {
   ++r.steps;
 }
 
+// How busy other processes kept the machine while the benchmark ran, in cores: the machine's busy
+// CPU time (/proc/stat) minus this process's own, over the wall time; as benchmarks/_common.py's
+// OtherLoad. Resolution: the kernel's tick (10 ms).
+class OtherLoad {
+ public:
+  OtherLoad() : machine0_(machine_busy_s()), own0_(own_cpu_s()), wall0_(std::chrono::steady_clock::now()) {}
+  std::optional<double> cores() const {
+    const double machine1 = machine_busy_s(), own1 = own_cpu_s();
+    const std::chrono::duration<double> wall = std::chrono::steady_clock::now() - wall0_;
+    if (std::isnan(machine0_) || std::isnan(machine1) || wall.count() <= 0) return std::nullopt;
+    return std::max(0.0, (machine1 - machine0_) - (own1 - own0_)) / wall.count();
+  }
+
+ private:
+  static double machine_busy_s() {
+    std::ifstream f("/proc/stat");
+    std::string cpu;
+    double v[8];
+    f >> cpu;
+    for (double& x : v) f >> x;  // user nice system idle iowait irq softirq steal
+    if (!f || cpu != "cpu") return NAN;
+    double busy = 0;
+    for (int i = 0; i < 8; ++i)
+      if (i != 3 && i != 4) busy += v[i];
+    return busy / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+  static double own_cpu_s() {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    return u.ru_utime.tv_sec + u.ru_stime.tv_sec + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
+  }
+  double machine0_, own0_;
+  std::chrono::steady_clock::time_point wall0_;
+};
+
 double process_cpu_ms() {
   timespec ts{};
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
@@ -424,6 +461,7 @@ int main(int argc, char** argv) {
               << "vs fp32" << std::setw(9) << "AMP" << std::setw(9) << "vs peer" << std::setw(10) << "loss"
               << std::setw(9) << "dloss"
               << "\n";
+    const OtherLoad other_load;
     for (const auto& name : models) {
       const Workload w = make_workload(name, device, tiny);
       std::vector<Run> runs;
@@ -495,16 +533,8 @@ int main(int argc, char** argv) {
         first_row = false;
       }
     }
-    // The machine's load averages at the end of the run (on 2 cores, above about 2 means something
-    // else ran too), as benchmarks/_common.py's header records them.
-    json << "], \"loadavg\": [";
-    std::ifstream loadavg("/proc/loadavg");
-    for (int i = 0; i < 3; ++i) {
-      double v = NAN;
-      loadavg >> v;
-      json << (i ? ", " : "") << json_number(v);
-    }
-    json << "]}\n";
+    json << "], \"other_load_cores\": " << json_number(other_load.cores());
+    json << "}\n";
     if (flags.count("json")) {
       std::ofstream out(flags["json"]);
       out << json.str();

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ampkit
-from _common import CPU_CLOCKS, cpu_name, header, percentile, write_json
+from _common import CPU_CLOCKS, OtherLoad, cpu_name, header, percentile, write_json
 
 ALL_MODES = ["fp32", "tf32", "ampkit-bf16", "ampkit-fp16", "torch-bf16", "torch-fp16"]
 CONTROL = "-control"
@@ -416,9 +416,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed, args.tiny, not args.no_memory)
+    with OtherLoad() as load:
+        results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed, args.tiny,
+                            not args.no_memory)
     print_table(results, args.device)
-    meta = {**header("fp32_vs_amp", cpu_clock=CPU_CLOCK, device=args.device), "ampkit": ampkit.__version__,
+    meta = {**header("fp32_vs_amp", cpu_clock=CPU_CLOCK, device=args.device, other_load=load),
+            "ampkit": ampkit.__version__,
             "device_name": torch.cuda.get_device_name() if on_cuda else cpu_name(), "tiny": args.tiny,
             "steps": steps, "warmup": warmup, "chunk": chunk, "modes": modes, "memory": not args.no_memory,
             "results": results}
