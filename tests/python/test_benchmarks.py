@@ -112,6 +112,25 @@ def test_common_header_describes_the_machine():
         assert names and h["cpu"] == names[0]
 
 
+def test_common_other_load_arithmetic(monkeypatch):
+    # Machine busy 3 s, this process 1 s of it, over 2 s of wall time: other processes held 1 core.
+    busy, own, wall = iter([100.0, 103.0]), iter([10.0, 11.0]), iter([50.0, 52.0])
+    monkeypatch.setattr(_common, "_machine_busy_s", lambda: next(busy))
+    monkeypatch.setattr(_common, "_own_cpu_s", lambda: next(own))
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: next(wall))
+    with _common.OtherLoad() as load:
+        pass
+    assert load.cores == 1.0
+    assert _common.header("x", other_load=load)["other_load_cores"] == 1.0
+    # Tick rounding can make the difference negative: clamped to 0. Without /proc/stat: None.
+    busy, own, wall = iter([100.0, 100.0]), iter([10.0, 10.02]), iter([0.0, 1.0])
+    assert _common.OtherLoad().start().stop().cores == 0.0
+    monkeypatch.setattr(_common, "_machine_busy_s", lambda: None)
+    wall = iter([0.0, 1.0])
+    own = iter([1.0, 2.0])
+    assert _common.OtherLoad().start().stop().cores is None
+
+
 def test_common_timer_clocks():
     # A sleep takes wall time and almost no CPU time on either clock (no timing asserted beyond order).
     for clock in ("thread", "process"):
@@ -132,6 +151,7 @@ def test_fp32_vs_amp_control_row_and_cpu_time(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["benchmark"] == "fp32_vs_amp" and data["cpu_clock"] == "process" and data["cpu"]
     assert data["threads"] >= 1 and isinstance(data["cpu_flags"], list) and data["modes"] == modes.split(",")
+    assert data["other_load_cores"] is None or data["other_load_cores"] >= 0
     rows = {(r["model"], r["mode"]): r for r in data["results"]}
     for (model, mode), r in rows.items():
         assert r["samples"] == 4
@@ -169,6 +189,7 @@ def test_autocast_overhead_control_and_thread_cpu_time(tmp_path):
     run_script("bench_autocast_overhead.py", "--rounds", "3", "--calls", "20", "--json", str(out))
     data = json.loads(out.read_text())
     assert data["benchmark"] == "autocast_overhead" and data["cpu_clock"] == "thread" and data["threads"] == 1
+    assert "other_load_cores" in data
     assert data["modes"] == ["none", "torch", "torch-control", "ampkit"]
     for r in data["results"]:
         for m in data["modes"]:
@@ -188,6 +209,7 @@ def test_grad_scaler_small_preset_and_control(tmp_path):
     data = json.loads(out.read_text())
     assert data["preset"] == "small" and data["tensors"] == 2000 and data["elements"] == 20000
     assert data["benchmark"] == "grad_scaler" and data["cpu_clock"] == "process" and data["cpu"]
+    assert "other_load_cores" in data
     res = data["results"]
     assert set(res) == {"torch", "torch-control", "ampkit"} == set(data["scalers"])
     for r in res.values():
@@ -205,7 +227,7 @@ def test_sgd_lowp_records_clock_and_cpu_ratios(tmp_path):
     run_script("bench_sgd_lowp.py", "--numel", "1000", "--tensors", "2", "--repeats", "3", "--dtype", "bfloat16",
                "--json", str(out))
     data = json.loads(out.read_text())
-    assert data["benchmark"] == "sgd_lowp" and data["cpu_clock"] == "process"
+    assert data["benchmark"] == "sgd_lowp" and data["cpu_clock"] == "process" and "other_load_cores" in data
     (r,) = data["results"]
     m = r["median"]
     assert r["ampkit_over_torch_foreach_cpu"] == pytest.approx(m["ampkit"]["cpu_ms"] / m["torch-foreach"]["cpu_ms"])
@@ -226,6 +248,7 @@ def test_fp32_vs_amp_cpp_modes_ratios_and_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["benchmark"] == "fp32_vs_amp_cpp" and data["cpu_clock"] == "process" and data["samples"] == 3
     assert data["cpu"] == _common.cpu_model() and data["cpu_flags"] == _common.cpu_flags()
+    assert data["other_load_cores"] is None or data["other_load_cores"] >= 0
     modes = ["fp32", "torch-bf16", "torch-bf16-control", "ampkit-fp32", "ampkit-bf16"]
     assert data["modes"] == modes
     rows = {(r["model"], r["mode"]): r for r in data["results"]}
