@@ -82,6 +82,7 @@ def test_sgd_lowp_benchmark_runs(tmp_path):
 
 # ----------------------------------------------------------------------------- shared helpers
 import _common  # noqa: E402
+import render_readme  # noqa: E402
 
 
 def test_common_percentile_matches_torch_quantile():
@@ -278,3 +279,84 @@ def test_fp32_vs_amp_cpp_modes_ratios_and_json(tmp_path):
         assert rows[(model, "torch-bf16-control")]["final_loss"] == rows[(model, "torch-bf16")]["final_loss"]
     bad = subprocess.run([CPP_BENCH, "--tiny", "--modes", "torch-bf16,torch-bf16"], capture_output=True, timeout=300)
     assert bad.returncode == 2 and b"twice" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- README tables
+README = os.path.join(ROOT, "README.md")
+RESULTS = os.path.join(BENCH, "results")
+
+
+def test_readme_tables_match_committed_results(capsys):
+    assert render_readme.main(["--check"]) == 0, capsys.readouterr()
+
+
+def benchmarks_section(text):
+    start = text.index("\n## Benchmarks\n")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_every_benchmark_table_is_rendered():
+    section = benchmarks_section(open(README, encoding="utf-8").read())
+    outside = render_readme.MARKER.sub("", section)
+    assert [line for line in outside.splitlines() if line.startswith("|")] == []
+    assert set(m.group("name") for m in render_readme.MARKER.finditer(section)) == set(render_readme.BLOCKS)
+
+
+def copy_results(tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    readme = tmp_path / "README.md"
+    shutil.copy(README, readme)
+    return readme, results
+
+
+def test_render_check_fails_on_drift_and_rendering_fixes_it(tmp_path):
+    readme, results = copy_results(tmp_path)
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert render_readme.main(args + ["--check"]) == 0
+    data = json.loads((results / "sgd_lowp_cpu.json").read_text())
+    data["cpu"] = "Test CPU 9000"
+    data["results"][0]["ampkit_over_torch_foreach_wall"] = 0.123456
+    (results / "sgd_lowp_cpu.json").write_text(json.dumps(data))
+    assert render_readme.main(args + ["--check"]) == 1
+    assert render_readme.main(args) == 0
+    text = readme.read_text()
+    block = text[text.index("<!-- results:sgd_lowp_cpu -->"):]
+    block = block[:block.index("<!-- /results -->")]
+    assert "Test CPU 9000" in block and "**0.123**" in block
+    assert render_readme.main(args + ["--check"]) == 0
+    # Text outside the blocks is left alone.
+    assert render_readme.MARKER.sub("", text) == render_readme.MARKER.sub("", open(README, encoding="utf-8").read())
+
+
+def test_render_rejects_unrendered_results_and_missing_blocks(tmp_path):
+    readme, results = copy_results(tmp_path)
+    args = ["--readme", str(readme), "--results", str(results)]
+    (results / "new_benchmark_cpu.json").write_text("{}")
+    with pytest.raises(render_readme.RenderError, match="new_benchmark_cpu.json"):
+        render_readme.render(readme.read_text(), str(results))
+    assert render_readme.main(args + ["--check"]) == 1
+    os.remove(results / "new_benchmark_cpu.json")
+    text = readme.read_text()
+    start = text.index("<!-- results:grad_scaler_cpu -->")
+    end = text.index("<!-- /results -->", start) + len("<!-- /results -->")
+    with pytest.raises(render_readme.RenderError, match="grad_scaler_cpu"):
+        render_readme.render(text[:start] + text[end:], str(results))
+    with pytest.raises(render_readme.RenderError, match="twice|2 times"):
+        render_readme.render(text + text[start:end], str(results))
+
+
+def test_instructions_table_has_the_before_column_only_when_the_json_does(tmp_path):
+    row = {"op": "mm", "none_instr": 7000.4, "torch_instr": 70000.0, "ampkit_instr": 70700.0,
+           "ampkit_kernel_instr": 0.0}
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps({"cpu": "Test CPU", "torch": "9.9", "calls": 10, "results": [row]}))
+    text = render_readme.render_autocast_instructions([str(path)])
+    assert "before" not in text and "Test CPU" in text and "| mm | 7,000 | 70,000 | 70,700 | 1.010 | 0 |" in text
+    path.write_text(json.dumps({"cpu": "Test CPU", "torch": "9.9", "calls": 10,
+                                "results": [{**row, "ampkit_boxed_instr": 71234.0}]}))
+    text = render_readme.render_autocast_instructions([str(path)])
+    assert "boxed kernels (before)" in text and "| 71,234 |" in text
