@@ -21,9 +21,7 @@ Compare two builds by running this script with each on PYTHONPATH. Needs valgrin
     python benchmarks/bench_autocast_instructions.py [--calls 2000] [--ops relu,mm,softmax,sum] [--json PATH]
 """
 import argparse
-import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -31,6 +29,8 @@ import sys
 import tempfile
 
 import torch
+
+from _common import cpu_model, header, write_json
 
 CHILD = r"""
 import sys, torch, ampkit
@@ -75,23 +75,12 @@ def instructions(op, mode, calls, toggle):
     return total / calls, (total - allocator) / calls
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--ops", default="relu,mm,softmax,sum", help="comma-separated subset of relu,mm,softmax,sum")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     rows = []
@@ -116,9 +105,11 @@ def main():
         cells = " ".join(f"{r[m + '_instr']:11.0f}/{r[m + '_instr_no_malloc']:<11.0f}" for m in modes)
         print(f"{r['op']:8s} {cells} {r['ampkit_instr_no_malloc'] / r['torch_instr_no_malloc']:13.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "torch": torch.__version__, "calls": args.calls, "results": rows}, f,
-                      indent=2)
+        # The header's "cpu" and "torch" keep the names of the first version of this file, which
+        # benchmarks/render_readme.py reads as well (it had no cpu_flags / threads / benchmark).
+        # The child runs one thread; instruction counts need no CPU-time clock.
+        write_json(args.json, {**header("autocast_instructions", threads=1), "tool": "valgrind --tool=callgrind",
+                               "calls": args.calls, "results": rows})
         print(f"wrote {args.json}")
 
 

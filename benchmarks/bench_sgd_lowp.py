@@ -11,8 +11,6 @@ The JSON records the CPU model and the vector extensions that pick ampkit's kern
 AVX2 with F16C, or the baseline).
 """
 import argparse
-import json
-import platform
 import resource
 import statistics
 import time
@@ -20,47 +18,26 @@ import time
 import torch
 
 import ampkit
+from _common import CPU_CLOCKS, OtherLoad, cpu_model, header, percentile, write_json
+
+CLOCK = "process"  # the kernels (torch's foreach and ampkit's) run on torch's intra-op threads
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags():
-    """The vector extensions among /proc/cpuinfo's flags that decide which kernel copy runs."""
-    wanted = ("avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float16"], choices=["bfloat16", "float16"])
     p.add_argument("--numel", type=int, default=2_500_000)
     p.add_argument("--tensors", type=int, default=4)
     p.add_argument("--repeats", type=int, default=31)
     p.add_argument("--json")
-    args = p.parse_args()
-    results = [run(getattr(torch, d), args) for d in args.dtype]
+    args = p.parse_args(argv)
+    with OtherLoad() as load:
+        results = [run(getattr(torch, d), args) for d in args.dtype]
+    out = {**header("sgd_lowp", cpu_clock=CLOCK, other_load=load), "numel": args.numel, "tensors": args.tensors,
+           "repeats": args.repeats, "results": results}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "numel": args.numel, "tensors": args.tensors,
-                       "repeats": args.repeats, "results": results}, f, indent=2)
+        write_json(args.json, out)
+    return out
 
 
 def run(dtype, args):
@@ -80,28 +57,35 @@ def run(dtype, args):
         opt = make(params)
         opt.step()  # creates the momentum buffers
         setups[name] = opt
+    cpu_clock = CPU_CLOCKS[CLOCK][0]
     samples = {n: {"wall_ms": [], "cpu_ms": [], "faults": []} for n in setups}
     for r in range(args.repeats):
         order = list(setups.items())
         order = order[r % len(order):] + order[:r % len(order)]  # each goes first in turn
         for name, opt in order:
             faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            c0, w0 = time.process_time(), time.perf_counter()
+            c0, w0 = cpu_clock(), time.perf_counter()
             opt.step()
-            w1, c1 = time.perf_counter(), time.process_time()
+            w1, c1 = time.perf_counter(), cpu_clock()
             samples[name]["wall_ms"].append((w1 - w0) * 1e3)
             samples[name]["cpu_ms"].append((c1 - c0) * 1e3)
             samples[name]["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
     med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
+    p10 = {n: {k: percentile(v, 0.1) for k, v in s.items()} for n, s in samples.items()}
+    p90 = {n: {k: percentile(v, 0.9) for k, v in s.items()} for n, s in samples.items()}
     ratio = med["ampkit"]["wall_ms"] / med["torch-foreach"]["wall_ms"]
     control = med["torch-control"]["wall_ms"] / med["torch-foreach"]["wall_ms"]
+    ratio_cpu = med["ampkit"]["cpu_ms"] / med["torch-foreach"]["cpu_ms"]
+    control_cpu = med["torch-control"]["cpu_ms"] / med["torch-foreach"]["cpu_ms"]
     print(f"CPU {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tensors} x "
           f"{args.numel} {dtype}, SGD momentum 0.9 nesterov, median of {args.repeats}")
     for n, m in med.items():
         print(f"{n:14s} wall {m['wall_ms']:8.2f} ms  cpu {m['cpu_ms']:8.2f} ms  page faults {m['faults']:8.0f}")
-    print(f"ampkit / torch-foreach (wall): {ratio:.3f}   control: torch-control / torch-foreach {control:.3f}")
-    return {"dtype": str(dtype).split(".")[1], "median": med, "ampkit_over_torch_foreach_wall": ratio,
-            "control_over_torch_foreach_wall": control}
+    print(f"ampkit / torch-foreach: wall {ratio:.3f}, CPU {ratio_cpu:.3f}   control: torch-control / torch-foreach "
+          f"wall {control:.3f}, CPU {control_cpu:.3f}")
+    return {"dtype": str(dtype).split(".")[1], "median": med, "p10": p10, "p90": p90,
+            "ampkit_over_torch_foreach_wall": ratio, "control_over_torch_foreach_wall": control,
+            "ampkit_over_torch_foreach_cpu": ratio_cpu, "control_over_torch_foreach_cpu": control_cpu}
 
 
 if __name__ == "__main__":

@@ -1,16 +1,35 @@
-// FP32 vs AMP for C++ LibTorch training loops: the stock FP32 loop (torch::optim::AdamW)
-// against ampkit's Trainer with its fused, sync-free AdamW, in fp32 and under autocast.
+// FP32 vs AMP for C++ LibTorch training loops, with each gain measured against the loop that
+// differs from it in one thing only:
 //
-//   fp32_vs_amp_cpp [--device cpu|cuda] [--models mlp,transformer,cnn] [--steps N] [--warmup N]
-//                   [--chunk N] [--modes fp32,ampkit-fp32,ampkit-bf16,ampkit-fp16] [--json PATH]
+//   fp32          the stock loop: forward, backward, torch::optim::AdamW (not fused), zero_grad
+//   torch-bf16    the same loop with the forward under LibTorch's own autocast (at::autocast's
+//                 free functions, as torch.autocast does them): what a C++ user has today
+//   ampkit-fp32   ampkit::Trainer with ampkit::optim::AdamW (fused), autocast off
+//   ampkit-bf16   the same trainer under ampkit's autocast; ampkit-fp16 (CUDA default) with its scaler
+//   X-control     a second, identical copy of mode X: its ratio to X is the noise band
 //
-// Modes run interleaved in chunks (these machines are noisy); each chunk's mean step time is a
-// sample, and the table shows the median (p10/p90) of those samples, the speedup over fp32 and
-// the final loss's relative difference from fp32. CPU defaults leave fp16 out: CPUs without
-// AVX512-FP16 have no fast fp16 matrix product.
+// So: AMP gain = ampkit-fp32 / ampkit-bf16 (same optimizer, autocast on or off); the trainer and
+// fused optimizer's gain = fp32 / ampkit-fp32; gain over the stock loop = fp32 / ampkit-bf16;
+// ampkit-bf16 vs torch-bf16 = what switching from LibTorch's autocast loop to ampkit gives. There
+// is no torch-fp16: LibTorch has no C++ GradScaler.
+//
+//   fp32_vs_amp_cpp [--device cpu|cuda] [--models mlp,transformer,cnn] [--modes ...] [--steps N]
+//                   [--warmup N] [--chunk N] [--tiny] [--json PATH]
+//
+// Modes run interleaved in chunks of --chunk steps (these machines are noisy), rotating which goes
+// first; each chunk's mean step time is a sample (steps / chunk samples per mode), and the table
+// shows the median (p10/p90) of those samples. Every sample has a wall time and a CPU time: the
+// process's (CLOCK_PROCESS_CPUTIME_ID, all threads), because torch's CPU ops run on its intra-op
+// worker threads and the calling thread's CPU time would leave their share out. CPU defaults leave
+// fp16 out: CPUs without AVX512-FP16 have no fast fp16 matrix product.
 #include <ampkit/ampkit.h>
 
+#include <ATen/autocast_mode.h>
 #include <torch/torch.h>
+
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -21,13 +40,17 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <optional>
+#include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kClasses = 16;
+const std::string kControl = "-control";
 
 struct Workload {
   std::function<std::shared_ptr<torch::nn::Module>()> build;
@@ -54,13 +77,23 @@ TORCH_MODULE(EncoderBlock);
 
 // Labels come from a fixed random teacher so that the task is learnable; the data is fixed by
 // the seed and the same in every mode.
-Workload make_workload(const std::string& name, torch::Device device) {
-  const bool cuda = device.is_cuda();
+// Sizes: CPU defaults finish in about a minute per model on 2 cores, CUDA ones fill a GPU; --tiny
+// (a smoke test) runs every mode in seconds anywhere. The same sizes as benchmarks/fp32_vs_amp.py.
+Workload make_workload(const std::string& name, torch::Device device, bool tiny) {
+  const bool cuda = device.is_cuda() && !tiny;
   torch::manual_seed(1234);
   Workload w;
   const int batches = 8;
   if (name == "mlp") {
-    const int64_t batch = cuda ? 8192 : 256, d_in = cuda ? 4096 : 1024, hidden = cuda ? 8192 : 2048;
+    const int64_t batch = tiny   ? 32
+                          : cuda ? 8192
+                                 : 256,
+                  d_in = tiny   ? 64
+                         : cuda ? 4096
+                                : 1024,
+                  hidden = tiny   ? 64
+                           : cuda ? 8192
+                                  : 2048;
     auto teacher = torch::randn({d_in, kClasses});
     for (int i = 0; i < batches; ++i) {
       auto x = torch::randn({batch, d_in});
@@ -76,8 +109,21 @@ Workload make_workload(const std::string& name, torch::Device device) {
     };
     w.batch = batch;
   } else if (name == "transformer") {
-    const int64_t batch = cuda ? 64 : 8, seq = cuda ? 1024 : 128, d = cuda ? 2048 : 512, heads = cuda ? 16 : 8,
-                  ff = cuda ? 8192 : 2048;
+    const int64_t batch = tiny   ? 4
+                          : cuda ? 64
+                                 : 8,
+                  seq = tiny   ? 16
+                        : cuda ? 1024
+                               : 128,
+                  d = tiny   ? 32
+                      : cuda ? 2048
+                             : 512,
+                  heads = tiny   ? 4
+                          : cuda ? 16
+                                 : 8,
+                  ff = tiny   ? 64
+                       : cuda ? 8192
+                              : 2048;
     auto teacher = torch::randn({d, kClasses});
     for (int i = 0; i < batches; ++i) {
       auto x = torch::randn({seq, batch, d});
@@ -89,7 +135,15 @@ Workload make_workload(const std::string& name, torch::Device device) {
     };
     w.batch = batch;
   } else if (name == "cnn") {
-    const int64_t batch = cuda ? 512 : 32, width = cuda ? 128 : 32, image = cuda ? 64 : 32;
+    const int64_t batch = tiny   ? 4
+                          : cuda ? 512
+                                 : 32,
+                  width = tiny   ? 4
+                          : cuda ? 128
+                                 : 32,
+                  image = tiny   ? 8
+                          : cuda ? 64
+                                 : 32;
     auto teacher = torch::randn({3, kClasses});
     for (int i = 0; i < batches; ++i) {
       auto x = torch::randn({batch, 3, image, image});
@@ -114,13 +168,64 @@ Workload make_workload(const std::string& name, torch::Device device) {
   return w;
 }
 
+// LibTorch's autocast region as a C++ user writes it today: what torch.autocast's __enter__ and
+// __exit__ do through the same at::autocast functions (the cast cache is cleared when the
+// outermost region exits).
+class TorchAutocast {
+ public:
+  TorchAutocast(c10::DeviceType type, c10::ScalarType dtype)
+      : type_(type),
+        prev_enabled_(at::autocast::is_autocast_enabled(type)),
+        prev_dtype_(at::autocast::get_autocast_dtype(type)) {
+    at::autocast::set_autocast_enabled(type_, true);
+    at::autocast::set_autocast_dtype(type_, dtype);
+    at::autocast::increment_nesting();
+  }
+  ~TorchAutocast() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(type_, prev_enabled_);
+    at::autocast::set_autocast_dtype(type_, prev_dtype_);
+  }
+  TorchAutocast(const TorchAutocast&) = delete;
+  TorchAutocast& operator=(const TorchAutocast&) = delete;
+
+ private:
+  c10::DeviceType type_;
+  bool prev_enabled_;
+  c10::ScalarType prev_dtype_;
+};
+
+std::string base_mode(const std::string& mode) {
+  const bool control =
+      mode.size() > kControl.size() && mode.compare(mode.size() - kControl.size(), kControl.size(), kControl) == 0;
+  return control ? mode.substr(0, mode.size() - kControl.size()) : mode;
+}
+
+// The mode whose time this one's is divided by in "vs peer": the torch loop of the same precision
+// for ampkit's modes (fp32 for ampkit-fp32), the original for a control copy; empty for the rest.
+std::string peer_mode(const std::string& mode) {
+  if (base_mode(mode) != mode) return base_mode(mode);
+  if (mode == "ampkit-fp32") return "fp32";
+  if (mode.rfind("ampkit-", 0) == 0) return "torch-" + mode.substr(7);
+  return "";
+}
+
+// The fp32 mode of the same loop, for the AMP gain: fp32 for torch-bf16, ampkit-fp32 for ampkit's.
+std::string amp_baseline(const std::string& mode) {
+  const std::string base = base_mode(mode);
+  if (base == "torch-bf16") return "fp32";
+  if (base == "ampkit-bf16" || base == "ampkit-fp16") return "ampkit-fp32";
+  return "";
+}
+
 // One model trained in one mode.
 struct Run {
   std::string mode;
   std::shared_ptr<torch::nn::Module> model;
   std::unique_ptr<torch::optim::Optimizer> optimizer;
-  std::unique_ptr<ampkit::Trainer> trainer;  // null for the stock fp32 loop
-  std::vector<double> samples_ms;
+  std::unique_ptr<ampkit::Trainer> trainer;       // null for the stock loops
+  std::optional<c10::ScalarType> torch_autocast;  // the stock loop's autocast dtype, if any
+  std::vector<double> wall_ms, cpu_ms;            // one sample per chunk: mean per step
   std::vector<torch::Tensor> losses;
   int64_t steps = 0;
 };
@@ -131,37 +236,88 @@ Run make_run(const std::string& mode, const Workload& w, torch::Device device) {
   torch::manual_seed(0);
   r.model = w.build();
   r.model->to(device);
-  if (mode == "fp32") {
+  const std::string base = base_mode(mode);
+  if (base == "fp32" || base == "torch-bf16") {
     r.optimizer = std::make_unique<torch::optim::AdamW>(r.model->parameters(), torch::optim::AdamWOptions(2e-4));
+    if (base == "torch-bf16") r.torch_autocast = torch::kBFloat16;
     return r;
   }
   r.optimizer = std::make_unique<ampkit::optim::AdamW>(r.model->parameters(), ampkit::optim::AdamWOptions(2e-4));
   ampkit::TrainerOptions opts(device.type());
-  if (mode == "ampkit-fp32")
+  if (base == "ampkit-fp32")
     opts.enabled(false);
-  else if (mode == "ampkit-bf16")
+  else if (base == "ampkit-bf16")
     opts.dtype(torch::kBFloat16);
-  else if (mode == "ampkit-fp16")
+  else if (base == "ampkit-fp16")
     opts.dtype(torch::kHalf);
   else
-    throw std::invalid_argument("--modes: expected fp32, ampkit-fp32, ampkit-bf16 or ampkit-fp16, got '" + mode + "'");
+    throw std::invalid_argument(
+        "--modes: expected fp32, torch-bf16, ampkit-fp32, ampkit-bf16 or ampkit-fp16, each optionally with '" +
+        kControl + "' appended, got '" + mode + "'");
   r.trainer = std::make_unique<ampkit::Trainer>(*r.model, *r.optimizer, opts);
   return r;
 }
 
-void train_step(Run& r, const Workload& w) {
+void train_step(Run& r, const Workload& w, torch::Device device) {
   const auto& [x, y] = w.data[r.steps % w.data.size()];
   if (r.trainer) {
     auto stats = r.trainer->step([&] { return torch::nn::functional::cross_entropy(w.forward(*r.model, x), y); });
     r.losses.push_back(stats.loss());
   } else {
-    auto loss = torch::nn::functional::cross_entropy(w.forward(*r.model, x), y);
+    torch::Tensor loss;
+    if (r.torch_autocast) {
+      TorchAutocast region(device.type(), *r.torch_autocast);
+      loss = torch::nn::functional::cross_entropy(w.forward(*r.model, x), y);
+    } else {
+      loss = torch::nn::functional::cross_entropy(w.forward(*r.model, x), y);
+    }
     loss.backward();
     r.optimizer->step();
     r.optimizer->zero_grad();
     r.losses.push_back(loss.detach());
   }
   ++r.steps;
+}
+
+// How busy other processes kept the machine while the benchmark ran, in cores: the machine's busy
+// CPU time (/proc/stat) minus this process's own, over the wall time; as benchmarks/_common.py's
+// OtherLoad. Resolution: the kernel's tick (10 ms).
+class OtherLoad {
+ public:
+  OtherLoad() : machine0_(machine_busy_s()), own0_(own_cpu_s()), wall0_(std::chrono::steady_clock::now()) {}
+  std::optional<double> cores() const {
+    const double machine1 = machine_busy_s(), own1 = own_cpu_s();
+    const std::chrono::duration<double> wall = std::chrono::steady_clock::now() - wall0_;
+    if (std::isnan(machine0_) || std::isnan(machine1) || wall.count() <= 0) return std::nullopt;
+    return std::max(0.0, (machine1 - machine0_) - (own1 - own0_)) / wall.count();
+  }
+
+ private:
+  static double machine_busy_s() {
+    std::ifstream f("/proc/stat");
+    std::string cpu;
+    double v[8];
+    f >> cpu;
+    for (double& x : v) f >> x;  // user nice system idle iowait irq softirq steal
+    if (!f || cpu != "cpu") return NAN;
+    double busy = 0;
+    for (int i = 0; i < 8; ++i)
+      if (i != 3 && i != 4) busy += v[i];
+    return busy / static_cast<double>(sysconf(_SC_CLK_TCK));
+  }
+  static double own_cpu_s() {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    return u.ru_utime.tv_sec + u.ru_stime.tv_sec + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
+  }
+  double machine0_, own0_;
+  std::chrono::steady_clock::time_point wall0_;
+};
+
+double process_cpu_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
 double percentile(std::vector<double> v, double q) {
@@ -171,12 +327,70 @@ double percentile(std::vector<double> v, double q) {
   return v[lo] + (v[hi] - v[lo]) * (k - lo);
 }
 
+double median(const std::vector<double>& v) { return percentile(v, 0.5); }
+
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream ss(s);
   for (std::string item; std::getline(ss, item, ',');)
     if (!item.empty()) out.push_back(item);
   return out;
+}
+
+// /proc/cpuinfo's value of \p field on the first processor ("" where there is none).
+std::string cpuinfo(const std::string& field) {
+  std::ifstream f("/proc/cpuinfo");
+  for (std::string line; std::getline(f, line);) {
+    const auto colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    std::string key = line.substr(0, colon);
+    key.erase(key.find_last_not_of(" \t") + 1);
+    if (key == field) return line.substr(std::min(colon + 2, line.size()));
+  }
+  return "";
+}
+
+// The vector extensions that pick ATen's and ampkit's kernels: benchmarks/_common.py's VECTOR_FLAGS.
+std::vector<std::string> cpu_flags() {
+  static const char* wanted[] = {"avx2",     "f16c",        "fma",         "avx512f",  "avx512bw",
+                                 "avx512vl", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"};
+  std::set<std::string> have;
+  std::istringstream ss(cpuinfo("flags"));
+  for (std::string f; ss >> f;) have.insert(f);
+  std::vector<std::string> out;
+  for (const char* w : wanted)
+    if (have.count(w)) out.emplace_back(w);
+  return out;
+}
+
+std::string json_string(const std::string& s) {
+  std::ostringstream out;
+  out << '"';
+  for (const char c : s) {
+    if (c == '"' || c == '\\')
+      out << '\\' << c;
+    else if (static_cast<unsigned char>(c) < 0x20)
+      out << "\\u" << std::hex << std::setw(4) << std::setfill('0') << static_cast<int>(c) << std::dec;
+    else
+      out << c;
+  }
+  out << '"';
+  return out.str();
+}
+
+// A JSON number, or null where there is none (a ratio without its peer, a NaN loss).
+std::string json_number(std::optional<double> v) {
+  if (!v || !std::isfinite(*v)) return "null";
+  std::ostringstream out;
+  out << std::setprecision(9) << *v;
+  return out.str();
+}
+
+std::string fmt(std::optional<double> v, int precision, const std::string& suffix = "") {
+  if (!v) return "-";
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(precision) << *v << suffix;
+  return out.str();
 }
 
 }  // namespace
@@ -187,8 +401,14 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     if (a == "--help" || a == "-h") {
       std::cout << "usage: fp32_vs_amp_cpp [--device cpu|cuda] [--models mlp,transformer,cnn] [--modes ...] "
-                   "[--steps N] [--warmup N] [--chunk N] [--json PATH]\n";
+                   "[--steps N] [--warmup N] [--chunk N] [--tiny] [--json PATH]\n"
+                   "modes: fp32, torch-bf16, ampkit-fp32, ampkit-bf16, ampkit-fp16, each optionally with '-control'\n"
+                   "appended (a second, identical copy). CPU default: steps 40, chunk 2 (20 samples per mode).\n";
       return 0;
+    }
+    if (a == "--tiny") {
+      flags["tiny"] = "1";
+      continue;
     }
     if (a.rfind("--", 0) != 0 || i + 1 >= argc) {
       std::cerr << "expected --flag VALUE pairs, got '" << a << "'\n";
@@ -201,41 +421,66 @@ int main(int argc, char** argv) {
     const bool cuda = flag("device", torch::cuda::is_available() ? "cuda" : "cpu") == "cuda";
     TORCH_CHECK_VALUE(!cuda || torch::cuda::is_available(), "--device cuda: no CUDA device here");
     const torch::Device device(cuda ? torch::kCUDA : torch::kCPU);
+    const bool tiny = flags.count("tiny") > 0;
     const auto models = split(flag("models", "mlp,transformer,cnn"));
-    auto modes =
-        split(flag("modes", cuda ? "fp32,ampkit-fp32,ampkit-bf16,ampkit-fp16" : "fp32,ampkit-fp32,ampkit-bf16"));
+    auto modes = split(flag("modes", cuda ? "fp32,torch-bf16,torch-bf16-control,ampkit-fp32,ampkit-bf16,ampkit-fp16"
+                                          : "fp32,torch-bf16,torch-bf16-control,ampkit-fp32,ampkit-bf16"));
     if (std::find(modes.begin(), modes.end(), "fp32") == modes.end()) modes.insert(modes.begin(), "fp32");
-    const int steps = std::stoi(flag("steps", cuda ? "100" : "16"));
+    static const std::set<std::string> known = {"fp32", "torch-bf16", "ampkit-fp32", "ampkit-bf16", "ampkit-fp16"};
+    for (const auto& m : modes)
+      TORCH_CHECK_VALUE(known.count(base_mode(m)), "--modes: expected fp32, torch-bf16, ampkit-fp32, ampkit-bf16 or ",
+                        "ampkit-fp16, each optionally with '", kControl, "' appended, got '", m, "'");
+    for (const auto& m : modes)
+      TORCH_CHECK_VALUE(std::count(modes.begin(), modes.end(), m) == 1, "--modes: '", m,
+                        "' twice (a second copy of a mode is '", m, kControl, "')");
+    const int steps = std::stoi(flag("steps", cuda ? "100" : "40"));
     const int warmup = std::stoi(flag("warmup", cuda ? "10" : "3"));
-    const int chunk = std::stoi(flag("chunk", cuda ? "20" : "4"));
+    const int chunk = std::stoi(flag("chunk", cuda ? "5" : "2"));
     TORCH_CHECK_VALUE(steps >= 1 && warmup >= 0 && chunk >= 1, "expected --steps >= 1, --warmup >= 0, --chunk >= 1");
+    const int chunks = (steps + chunk - 1) / chunk;
 
     std::ostringstream json;
-    json << "{\"device\": \"" << (cuda ? "cuda" : "cpu") << "\", \"torch\": \"" << TORCH_VERSION
-         << "\", \"results\": [";
+    json << "{\"benchmark\": \"fp32_vs_amp_cpp\", \"device\": " << json_string(cuda ? "cuda" : "cpu")
+         << ", \"cpu\": " << json_string(cpuinfo("model name").empty() ? "unknown" : cpuinfo("model name"))
+         << ", \"cpu_flags\": [";
+    const auto vector_flags = cpu_flags();
+    for (size_t i = 0; i < vector_flags.size(); ++i) json << (i ? ", " : "") << json_string(vector_flags[i]);
+    json << "], \"cpu_count\": " << std::thread::hardware_concurrency() << ", \"torch\": " << json_string(TORCH_VERSION)
+         << ", \"threads\": " << at::get_num_threads() << ", \"cpu_clock\": \"process\", \"cpu_clock_doc\": "
+         << json_string("CLOCK_PROCESS_CPUTIME_ID: CPU time of all the process's threads")
+         << ", \"tiny\": " << (tiny ? "true" : "false") << ", \"steps\": " << steps << ", \"warmup\": " << warmup
+         << ", \"chunk\": " << chunk << ", \"samples\": " << chunks << ", \"modes\": [";
+    for (size_t i = 0; i < modes.size(); ++i) json << (i ? ", " : "") << json_string(modes[i]);
+    json << "], \"results\": [";
     bool first_row = true;
-    std::cout << "FP32 vs AMP, C++ training loops on " << device << " (LibTorch " << TORCH_VERSION << ")\n"
-              << std::left << std::setw(12) << "model" << std::setw(13) << "mode" << std::right << std::setw(9)
-              << "step ms" << std::setw(9) << "p10" << std::setw(9) << "p90" << std::setw(9) << "vs fp32"
-              << std::setw(10) << "loss" << std::setw(9) << "dloss"
+    std::cout << "FP32 vs AMP, C++ training loops on " << device << " (LibTorch " << TORCH_VERSION << ", "
+              << at::get_num_threads() << " threads), " << chunks << " samples of " << chunk
+              << " steps per mode; times are medians of wall / process CPU ms per step\n"
+              << std::left << std::setw(12) << "model" << std::setw(20) << "mode" << std::right << std::setw(9)
+              << "wall ms" << std::setw(9) << "p10" << std::setw(9) << "p90" << std::setw(9) << "cpu ms" << std::setw(9)
+              << "vs fp32" << std::setw(9) << "AMP" << std::setw(9) << "vs peer" << std::setw(10) << "loss"
+              << std::setw(9) << "dloss"
               << "\n";
+    const OtherLoad other_load;
     for (const auto& name : models) {
-      const Workload w = make_workload(name, device);
+      const Workload w = make_workload(name, device, tiny);
       std::vector<Run> runs;
       for (const auto& m : modes) runs.push_back(make_run(m, w, device));
       for (auto& r : runs)  // warm-up, untimed
-        for (int i = 0; i < warmup; ++i) train_step(r, w);
-      const int chunks = (steps + chunk - 1) / chunk;
+        for (int i = 0; i < warmup; ++i) train_step(r, w, device);
       for (int c = 0; c < chunks; ++c) {
         const int n = std::min(chunk, steps - c * chunk);
         for (size_t k = 0; k < runs.size(); ++k) {
           Run& r = runs[(k + c) % runs.size()];  // rotate who goes first
           if (cuda) torch::cuda::synchronize();
+          const double c0 = process_cpu_ms();
           const auto t0 = std::chrono::steady_clock::now();
-          for (int i = 0; i < n; ++i) train_step(r, w);
+          for (int i = 0; i < n; ++i) train_step(r, w, device);
           if (cuda) torch::cuda::synchronize();
           const std::chrono::duration<double, std::milli> dt = std::chrono::steady_clock::now() - t0;
-          r.samples_ms.push_back(dt.count() / n);
+          const double c1 = process_cpu_ms();
+          r.wall_ms.push_back(dt.count() / n);
+          r.cpu_ms.push_back((c1 - c0) / n);
         }
       }
       auto final_loss = [](const Run& r) {
@@ -244,25 +489,56 @@ int main(int argc, char** argv) {
         for (size_t i = r.losses.size() - k; i < r.losses.size(); ++i) s += r.losses[i].item<double>();
         return s / k;
       };
-      const double base_ms = percentile(runs[0].samples_ms, 0.5), base_loss = final_loss(runs[0]);
+      std::map<std::string, const Run*> by_mode;
+      for (const auto& r : runs) by_mode[r.mode] = &r;
+      // time(of) / time(r) on wall and CPU medians: a speed-up of r over `of` (none if `of` did not run).
+      auto gain = [&](const std::string& of, const Run& r, bool cpu_time) -> std::optional<double> {
+        if (of.empty() || !by_mode.count(of)) return std::nullopt;
+        const Run& o = *by_mode[of];
+        return cpu_time ? median(o.cpu_ms) / median(r.cpu_ms) : median(o.wall_ms) / median(r.wall_ms);
+      };
+      auto over = [&](const std::string& of, const Run& r, bool cpu_time) -> std::optional<double> {
+        const auto g = gain(of, r, cpu_time);
+        if (!g) return std::nullopt;
+        return 1.0 / *g;
+      };
+      const double base_loss = final_loss(*by_mode["fp32"]);
       for (const auto& r : runs) {
-        const double med = percentile(r.samples_ms, 0.5), loss = final_loss(r);
+        const double loss = final_loss(r);
         const double dloss = std::abs(loss - base_loss) / std::abs(base_loss);
-        std::cout << std::left << std::setw(12) << name << std::setw(13) << r.mode << std::right << std::fixed
-                  << std::setprecision(2) << std::setw(9) << med << std::setw(9) << percentile(r.samples_ms, 0.1)
-                  << std::setw(9) << percentile(r.samples_ms, 0.9) << std::setw(8) << base_ms / med << "x"
-                  << std::setprecision(4) << std::setw(10) << loss << std::setprecision(2) << std::setw(8)
-                  << dloss * 100 << "%\n";
-        json << (first_row ? "" : ", ") << "{\"model\": \"" << name << "\", \"mode\": \"" << r.mode
-             << "\", \"step_ms\": " << med << ", \"p10_ms\": " << percentile(r.samples_ms, 0.1)
-             << ", \"p90_ms\": " << percentile(r.samples_ms, 0.9) << ", \"speedup_vs_fp32\": " << base_ms / med
-             << ", \"final_loss\": " << loss << ", \"loss_rel_diff\": " << dloss << "}";
+        const std::string peer = by_mode.count(peer_mode(r.mode)) ? peer_mode(r.mode) : "";
+        const std::string amp_base = by_mode.count(amp_baseline(r.mode)) ? amp_baseline(r.mode) : "";
+        std::cout << std::left << std::setw(12) << name << std::setw(20) << r.mode << std::right << std::setw(9)
+                  << fmt(median(r.wall_ms), 2) << std::setw(9) << fmt(percentile(r.wall_ms, 0.1), 2) << std::setw(9)
+                  << fmt(percentile(r.wall_ms, 0.9), 2) << std::setw(9) << fmt(median(r.cpu_ms), 2) << std::setw(9)
+                  << fmt(gain("fp32", r, false), 2, "x") << std::setw(9) << fmt(gain(amp_base, r, false), 2, "x")
+                  << std::setw(9) << fmt(over(peer, r, false), 3) << std::setw(10) << fmt(loss, 4) << std::setw(8)
+                  << fmt(dloss * 100, 2) << "%\n";
+        json << (first_row ? "" : ", ") << "{\"model\": " << json_string(name) << ", \"mode\": " << json_string(r.mode)
+             << ", \"samples\": " << r.wall_ms.size() << ", \"step_ms\": " << json_number(median(r.wall_ms))
+             << ", \"p10_ms\": " << json_number(percentile(r.wall_ms, 0.1))
+             << ", \"p90_ms\": " << json_number(percentile(r.wall_ms, 0.9))
+             << ", \"cpu_ms\": " << json_number(median(r.cpu_ms))
+             << ", \"cpu_p10_ms\": " << json_number(percentile(r.cpu_ms, 0.1))
+             << ", \"cpu_p90_ms\": " << json_number(percentile(r.cpu_ms, 0.9))
+             << ", \"speedup_vs_fp32\": " << json_number(gain("fp32", r, false))
+             << ", \"speedup_vs_fp32_cpu\": " << json_number(gain("fp32", r, true))
+             << ", \"amp_baseline\": " << (amp_base.empty() ? "null" : json_string(amp_base))
+             << ", \"amp_gain\": " << json_number(gain(amp_base, r, false))
+             << ", \"amp_gain_cpu\": " << json_number(gain(amp_base, r, true))
+             << ", \"peer\": " << (peer.empty() ? "null" : json_string(peer))
+             << ", \"ratio_vs_peer\": " << json_number(over(peer, r, false))
+             << ", \"ratio_vs_peer_cpu\": " << json_number(over(peer, r, true))
+             << ", \"final_loss\": " << json_number(loss) << ", \"loss_rel_diff\": " << json_number(dloss) << "}";
         first_row = false;
       }
     }
-    json << "]}\n";
+    json << "], \"other_load_cores\": " << json_number(other_load.cores());
+    json << "}\n";
     if (flags.count("json")) {
-      std::ofstream(flags["json"]) << json.str();
+      std::ofstream out(flags["json"]);
+      out << json.str();
+      TORCH_CHECK(out.good(), "could not write ", flags["json"]);
       std::cout << "wrote " << flags["json"] << "\n";
     }
   } catch (const c10::Error& e) {

@@ -6,19 +6,25 @@ hits them alike, and reports per model and mode: median step time (p10/p90), thr
 speedup over fp32, ratio to torch's own AMP, peak memory, final loss and its relative
 difference from fp32, and skipped steps.
 
+Time: every step's wall time and the process's CPU time (time.process_time, all threads: torch's
+CPU ops run on its intra-op worker threads, so the calling thread's CPU time would miss their
+share). Other processes on a shared machine lengthen the wall time of a step more than its CPU
+time. On CUDA the wall time comes from CUDA events and the CPU time is the host's (enqueueing).
+
 Peak memory: on CUDA torch.cuda.max_memory_allocated during the mode's steps; on the CPU the peak RSS
 growth of the mode run alone in a fresh process (model, data, optimizer state and activations).
 
 Modes: fp32 (strict on CUDA: TF32 off), tf32 (CUDA only), ampkit-bf16, ampkit-fp16 (with
 ampkit.GradScaler), torch-bf16, torch-fp16 (torch.autocast + torch.amp.GradScaler). ampkit's modes
 run ampkit.Trainer with ampkit.optim.AdamW (fused, sync-free); the others torch.optim.AdamW(fused=True).
+Any mode with "-control" appended (default on the CPU: torch-bf16-control) is a second, identical
+copy of it, interleaved like the others: its ratio to the original is the noise band of the ratios.
 
     python benchmarks/fp32_vs_amp.py [--device cpu|cuda] [--models mlp,transformer,cnn]
         [--modes ...] [--steps N] [--warmup N] [--json PATH] [--plot PATH]
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -30,8 +36,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ampkit
+from _common import CPU_CLOCKS, OtherLoad, cpu_name, header, percentile, write_json
 
 ALL_MODES = ["fp32", "tf32", "ampkit-bf16", "ampkit-fp16", "torch-bf16", "torch-fp16"]
+CONTROL = "-control"
+CPU_CLOCK = "process"
+
+
+def base_mode(mode):
+    """The mode that a control mode copies ("torch-bf16-control" -> "torch-bf16"), else mode itself."""
+    return mode[: -len(CONTROL)] if mode.endswith(CONTROL) else mode
+
+
+def peer_mode(mode):
+    """The mode whose time this one is divided by in ratio_vs_torch: torch's AMP for ampkit's, the
+    original for a control copy, None for the rest."""
+    if mode.endswith(CONTROL):
+        return base_mode(mode)
+    return mode.replace("ampkit-", "torch-") if mode.startswith("ampkit-") else None
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -120,7 +142,7 @@ class Run:
         build, self.data, self.batch = make_workload(model_name, device, tiny)
         torch.manual_seed(seed)
         self.model = build().to(device)
-        family, _, precision = mode.partition("-")
+        family, _, precision = base_mode(mode).partition("-")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.trainer = None
         if family == "ampkit":
@@ -137,9 +159,10 @@ class Run:
                 self.scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
             else:
                 self.ctx, self.scaler = contextlib.nullcontext, None
-        self.tf32 = mode == "tf32"
+        self.tf32 = base_mode(mode) == "tf32"
         self.steps = 0
         self.times_ms = []
+        self.cpu_ms = []
         self.losses = []
         self.peak_mem_mb = 0.0
 
@@ -184,6 +207,7 @@ def rss_mb(field):
 
 def run_chunk(run, n, warmup, device):
     """n steps of one mode; times (after warm-up) and losses are recorded."""
+    cpu_clock = CPU_CLOCKS[CPU_CLOCK][0]
     if device == "cuda":
         set_tf32(run.tf32)
         torch.cuda.reset_peak_memory_stats()
@@ -191,23 +215,26 @@ def run_chunk(run, n, warmup, device):
         events = []
         for _ in range(n):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            c0 = cpu_clock()
             start.record()
             loss = run.step()
             end.record()
-            events.append((start, end, loss))
+            events.append((start, end, loss, (cpu_clock() - c0) * 1e3))
         torch.cuda.synchronize()
-        for start, end, loss in events:
+        for start, end, loss, cpu_ms in events:
             if len(run.losses) >= warmup:
                 run.times_ms.append(start.elapsed_time(end))
+                run.cpu_ms.append(cpu_ms)
             run.losses.append(float(loss))
         run.peak_mem_mb = max(run.peak_mem_mb, (torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
         for _ in range(n):
-            t0 = time.perf_counter()
+            c0, t0 = cpu_clock(), time.perf_counter()
             loss = run.step()
-            dt = (time.perf_counter() - t0) * 1e3
+            t1, c1 = time.perf_counter(), cpu_clock()
             if len(run.losses) >= warmup:
-                run.times_ms.append(dt)
+                run.times_ms.append((t1 - t0) * 1e3)
+                run.cpu_ms.append((c1 - c0) * 1e3)
             run.losses.append(float(loss))
 
 
@@ -230,13 +257,6 @@ def memory_probe(model_name, mode, seed, tiny, steps):
     if out.returncode != 0:
         raise RuntimeError(f"memory probe of {model_name}/{mode} failed:\n{out.stderr}")
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def percentile(values, q):
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 class Progress:
@@ -274,18 +294,28 @@ def benchmark(device, models, modes, steps, warmup, chunk, seed, tiny=False, mem
         base = next((r for r in runs if r.mode == "fp32"), None)
         final = {r.mode: statistics.mean(r.losses[-max(1, min(5, len(r.losses))):]) for r in runs}
         medians = {r.mode: statistics.median(r.times_ms) for r in runs}
+        cpu_medians = {r.mode: statistics.median(r.cpu_ms) for r in runs}
         for r in runs:
-            med = medians[r.mode]
-            peer = r.mode.replace("ampkit-", "torch-") if r.mode.startswith("ampkit-") else None
+            med, cpu_med = medians[r.mode], cpu_medians[r.mode]
+            peer = peer_mode(r.mode)
+            if peer not in medians:
+                peer = None
             results.append({
                 "model": model_name,
                 "mode": r.mode,
+                "samples": len(r.times_ms),
                 "step_ms": med,
                 "p10_ms": percentile(r.times_ms, 0.1),
                 "p90_ms": percentile(r.times_ms, 0.9),
+                "cpu_ms": cpu_med,
+                "cpu_p10_ms": percentile(r.cpu_ms, 0.1),
+                "cpu_p90_ms": percentile(r.cpu_ms, 0.9),
                 "throughput_per_s": r.batch / med * 1e3,
                 "speedup_vs_fp32": medians["fp32"] / med if base else None,
-                "ratio_vs_torch": med / medians[peer] if peer in medians else None,
+                "speedup_vs_fp32_cpu": cpu_medians["fp32"] / cpu_med if base else None,
+                "peer": peer,
+                "ratio_vs_torch": med / medians[peer] if peer else None,
+                "ratio_vs_torch_cpu": cpu_med / cpu_medians[peer] if peer else None,
                 "peak_mem_mb": r.peak_mem_mb,
                 "final_loss": final[r.mode],
                 "loss_rel_diff": abs(final[r.mode] - final["fp32"]) / abs(final["fp32"]) if base else None,
@@ -296,16 +326,19 @@ def benchmark(device, models, modes, steps, warmup, chunk, seed, tiny=False, mem
 
 def print_table(results, device):
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    print(f"\nFP32 vs AMP on {device} (torch {torch.__version__}); step time is the median after warm-up")
-    head = (f"{'model':12s} {'mode':12s} {'step ms':>9s} {'p10':>8s} {'p90':>8s} {'samples/s':>10s} "
-            f"{'vs fp32':>8s} {'vs torch':>9s} {'peak MB':>8s} {'loss':>8s} {'dloss':>7s} {'skip':>5s}")
+    print(f"\nFP32 vs AMP on {device} (torch {torch.__version__}); step time is the median after warm-up, "
+          f"wall and process CPU time; 'vs peer' is the time over the peer's (torch's AMP, or the original of a "
+          f"control copy)")
+    head = (f"{'model':12s} {'mode':18s} {'step ms':>9s} {'p10':>8s} {'p90':>8s} {'cpu ms':>8s} {'samples/s':>10s} "
+            f"{'vs fp32':>8s} {'vs peer':>8s} {'cpu':>7s} {'peak MB':>8s} {'loss':>8s} {'dloss':>7s} {'skip':>5s}")
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['model']:12s} {r['mode']:12s} {r['step_ms']:9.2f} {r['p10_ms']:8.2f} {r['p90_ms']:8.2f} "
-              f"{r['throughput_per_s']:10.1f} {fmt(r['speedup_vs_fp32'], '7.2f')}x "
-              f"{fmt(r['ratio_vs_torch'], '8.3f') + 'x' if r['ratio_vs_torch'] else '-':>9s} {r['peak_mem_mb']:8.1f} {r['final_loss']:8.4f} "
-              f"{fmt(r['loss_rel_diff'], '7.2%')} {r['skipped_steps']:5d}")
+        print(f"{r['model']:12s} {r['mode']:18s} {r['step_ms']:9.2f} {r['p10_ms']:8.2f} {r['p90_ms']:8.2f} "
+              f"{r['cpu_ms']:8.2f} {r['throughput_per_s']:10.1f} {fmt(r['speedup_vs_fp32'], '7.2f')}x "
+              f"{fmt(r['ratio_vs_torch'], '7.3f'):>8s} {fmt(r['ratio_vs_torch_cpu'], '7.3f'):>7s} "
+              f"{r['peak_mem_mb']:8.1f} {r['final_loss']:8.4f} {fmt(r['loss_rel_diff'], '7.2%')} "
+              f"{r['skipped_steps']:5d}")
 
 
 def plot(results, path):
@@ -338,8 +371,9 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", default="mlp,transformer,cnn")
     p.add_argument("--modes", default=None,
-                   help="comma list; default: all on cuda, fp32,ampkit-bf16,torch-bf16 on cpu (CPU fp16 GEMMs are slow)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default: cpu 16, cuda 100)")
+                   help="comma list; default: all on cuda, fp32,ampkit-bf16,torch-bf16 on cpu (CPU fp16 GEMMs are "
+                        "slow), and torch-bf16-control")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default: cpu 20, cuda 100)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode (default: cpu 3, cuda 10)")
     p.add_argument("--chunk", type=int, default=None, help="steps per interleaved chunk (default: cpu 4, cuda 20)")
     p.add_argument("--seed", type=int, default=0)
@@ -360,16 +394,21 @@ def main(argv=None):
     # On the CPU fp16 matrix products have no fast kernel unless the processor has AVX512-FP16 / AMX-FP16
     # (measured here: ~100x slower than fp32), so the default CPU run leaves the fp16 modes out.
     default_modes = ALL_MODES if args.device == "cuda" else ["fp32", "ampkit-bf16", "torch-bf16"]
+    default_modes = default_modes + ["torch-bf16-control"]
     modes = args.modes.split(",") if args.modes else default_modes
     for m in modes:
-        if m not in ALL_MODES:
-            p.error(f"--modes: expected names among {', '.join(ALL_MODES)}, got {m!r}")
-        if m == "tf32" and args.device != "cuda":
+        if base_mode(m) not in ALL_MODES:
+            p.error(f"--modes: expected names among {', '.join(ALL_MODES)}, each optionally with {CONTROL!r} "
+                    f"appended, got {m!r}")
+        if base_mode(m) == "tf32" and args.device != "cuda":
             p.error("--modes: tf32 needs --device cuda")
+    for m in modes:
+        if modes.count(m) > 1:
+            p.error(f"--modes: {m!r} twice (a second copy of a mode is {m + CONTROL!r})")
     if "fp32" not in modes:
         modes = ["fp32"] + modes  # the baseline every ratio is taken against
     on_cuda = args.device == "cuda"
-    steps = args.steps if args.steps is not None else (100 if on_cuda else 16)
+    steps = args.steps if args.steps is not None else (100 if on_cuda else 20)
     warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 3)
     chunk = args.chunk if args.chunk is not None else (20 if on_cuda else 4)
     if steps < 1 or warmup < 0 or chunk < 1:
@@ -377,31 +416,22 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed, args.tiny, not args.no_memory)
+    with OtherLoad() as load:
+        results = benchmark(args.device, models, modes, steps, warmup, chunk, args.seed, args.tiny,
+                            not args.no_memory)
     print_table(results, args.device)
-    meta = {"device": args.device, "torch": torch.__version__, "ampkit": ampkit.__version__,
-            "device_name": torch.cuda.get_device_name() if on_cuda else cpu_name(),
-            "threads": torch.get_num_threads(), "tiny": args.tiny, "steps": steps, "warmup": warmup, "results": results}
+    meta = {**header("fp32_vs_amp", cpu_clock=CPU_CLOCK, device=args.device, other_load=load),
+            "ampkit": ampkit.__version__,
+            "device_name": torch.cuda.get_device_name() if on_cuda else cpu_name(), "tiny": args.tiny,
+            "steps": steps, "warmup": warmup, "chunk": chunk, "modes": modes, "memory": not args.no_memory,
+            "results": results}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(meta, f, indent=2)
+        write_json(args.json, meta)
         print(f"wrote {args.json}")
     if args.plot:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
     return meta
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 if __name__ == "__main__":

@@ -78,3 +78,285 @@ def test_sgd_lowp_benchmark_runs(tmp_path):
     for r in data["results"]:
         assert set(r["median"]) == {"torch-foreach", "torch-control", "ampkit"}
         assert r["ampkit_over_torch_foreach_wall"] > 0 and r["control_over_torch_foreach_wall"] > 0
+
+
+# ----------------------------------------------------------------------------- shared helpers
+import _common  # noqa: E402
+import render_readme  # noqa: E402
+
+
+def test_common_percentile_matches_torch_quantile():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 16, 31):
+        values = torch.randn(n, generator=g, dtype=torch.float64).tolist()
+        for q in (0.0, 0.1, 0.5, 0.9, 1.0):
+            expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
+            assert _common.percentile(values, q) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert _common.percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.5
+    with pytest.raises(ValueError):
+        _common.percentile([], 0.5)
+    assert _common.summary([1.0, 2.0, 3.0], "ms", 1e3) == {"median_ms": 2000.0, "p10_ms": 1200.0, "p90_ms": 2800.0}
+
+
+def test_common_header_describes_the_machine():
+    torch = pytest.importorskip("torch")
+    h = _common.header("x", cpu_clock="process", threads=3)
+    assert h["benchmark"] == "x" and h["torch"] == torch.__version__ and h["threads"] == 3
+    assert h["cpu"] == _common.cpu_model() and h["cpu"]
+    assert set(h["cpu_flags"]) <= set(_common.VECTOR_FLAGS)
+    assert h["cpu_clock"] == "process" and "CLOCK_PROCESS_CPUTIME_ID" in h["cpu_clock_doc"]
+    assert _common.header("x")["threads"] == torch.get_num_threads() and "cpu_clock" not in _common.header("x")
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        assert names and h["cpu"] == names[0]
+
+
+def test_common_other_load_arithmetic(monkeypatch):
+    # Machine busy 3 s, this process 1 s of it, over 2 s of wall time: other processes held 1 core.
+    busy, own, wall = iter([100.0, 103.0]), iter([10.0, 11.0]), iter([50.0, 52.0])
+    monkeypatch.setattr(_common, "_machine_busy_s", lambda: next(busy))
+    monkeypatch.setattr(_common, "_own_cpu_s", lambda: next(own))
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: next(wall))
+    with _common.OtherLoad() as load:
+        pass
+    assert load.cores == 1.0
+    assert _common.header("x", other_load=load)["other_load_cores"] == 1.0
+    # Tick rounding can make the difference negative: clamped to 0. Without /proc/stat: None.
+    busy, own, wall = iter([100.0, 100.0]), iter([10.0, 10.02]), iter([0.0, 1.0])
+    assert _common.OtherLoad().start().stop().cores == 0.0
+    monkeypatch.setattr(_common, "_machine_busy_s", lambda: None)
+    wall = iter([0.0, 1.0])
+    own = iter([1.0, 2.0])
+    assert _common.OtherLoad().start().stop().cores is None
+
+
+def test_common_timer_clocks():
+    # A sleep takes wall time and almost no CPU time on either clock (no timing asserted beyond order).
+    for clock in ("thread", "process"):
+        with _common.Timer(clock) as t:
+            import time
+
+            time.sleep(0.05)
+        assert t.wall_s >= 0.05 and 0 <= t.cpu_s < t.wall_s
+    with pytest.raises(KeyError):
+        _common.Timer("wall")
+
+
+# ----------------------------------------------------------------------------- fp32_vs_amp.py: control, CPU time
+def test_fp32_vs_amp_control_row_and_cpu_time(tmp_path):
+    modes = "fp32,ampkit-bf16,torch-bf16,torch-bf16-control"
+    fp32_vs_amp.main(["--device", "cpu", "--tiny", "--models", "mlp,cnn", "--modes", modes, "--steps", "4",
+                      "--warmup", "1", "--chunk", "2", "--no-memory", "--json", str(tmp_path / "r.json")])
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["benchmark"] == "fp32_vs_amp" and data["cpu_clock"] == "process" and data["cpu"]
+    assert data["threads"] >= 1 and isinstance(data["cpu_flags"], list) and data["modes"] == modes.split(",")
+    assert data["other_load_cores"] is None or data["other_load_cores"] >= 0
+    rows = {(r["model"], r["mode"]): r for r in data["results"]}
+    for (model, mode), r in rows.items():
+        assert r["samples"] == 4
+        assert r["cpu_p10_ms"] <= r["cpu_ms"] <= r["cpu_p90_ms"] and r["cpu_ms"] > 0
+        fp32 = rows[(model, "fp32")]
+        assert r["speedup_vs_fp32"] == pytest.approx(fp32["step_ms"] / r["step_ms"])
+        assert r["speedup_vs_fp32_cpu"] == pytest.approx(fp32["cpu_ms"] / r["cpu_ms"])
+        peer = {"ampkit-bf16": "torch-bf16", "torch-bf16-control": "torch-bf16"}.get(mode)
+        assert r["peer"] == peer
+        if peer:
+            assert r["ratio_vs_torch"] == pytest.approx(r["step_ms"] / rows[(model, peer)]["step_ms"])
+            assert r["ratio_vs_torch_cpu"] == pytest.approx(r["cpu_ms"] / rows[(model, peer)]["cpu_ms"])
+        else:
+            assert r["ratio_vs_torch"] is None and r["ratio_vs_torch_cpu"] is None
+        # The control is an identical copy: same seed, data and ops, so the same losses.
+        assert rows[(model, "torch-bf16-control")]["final_loss"] == rows[(model, "torch-bf16")]["final_loss"]
+
+
+def test_fp32_vs_amp_rejects_bad_control_modes():
+    for modes in ("torch-bf16,torch-bf16", "resnet-control", "tf32-control"):
+        with pytest.raises(SystemExit):
+            fp32_vs_amp.main(["--device", "cpu", "--tiny", "--modes", modes])
+    assert fp32_vs_amp.base_mode("torch-bf16-control") == "torch-bf16"
+    assert fp32_vs_amp.peer_mode("ampkit-fp16") == "torch-fp16" and fp32_vs_amp.peer_mode("fp32") is None
+
+
+# ----------------------------------------------------------------------------- the other Python scripts
+def run_script(name, *args):
+    return subprocess.run([sys.executable, os.path.join(BENCH, name), *args], check=True, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_autocast_overhead_control_and_thread_cpu_time(tmp_path):
+    out = tmp_path / "o.json"
+    run_script("bench_autocast_overhead.py", "--rounds", "3", "--calls", "20", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "autocast_overhead" and data["cpu_clock"] == "thread" and data["threads"] == 1
+    assert "other_load_cores" in data
+    assert data["modes"] == ["none", "torch", "torch-control", "ampkit"]
+    for r in data["results"]:
+        for m in data["modes"]:
+            assert r[m]["p10_us"] <= r[m]["median_us"] <= r[m]["p90_us"]
+            assert r[m]["p10_cpu_us"] <= r[m]["median_cpu_us"] <= r[m]["p90_cpu_us"]
+        for kind, key in (("wall", "median_us"), ("cpu", "median_cpu_us")):
+            assert r[f"control_over_torch_{kind}"] == pytest.approx(r["torch-control"][key] / r["torch"][key])
+            assert r[f"ampkit_over_torch_{kind}"] == pytest.approx(r["ampkit"][key] / r["torch"][key])
+        assert r["ampkit_us"] == r["ampkit"]["median_us"]
+
+
+def test_grad_scaler_small_preset_and_control(tmp_path):
+    out = tmp_path / "g.json"
+    # The small preset's 2000 tensors, with fewer elements and repeats than the committed run.
+    run_script("bench_grad_scaler.py", "--preset", "small", "--elements", "20000", "--repeats", "3", "--warmup", "1",
+               "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["preset"] == "small" and data["tensors"] == 2000 and data["elements"] == 20000
+    assert data["benchmark"] == "grad_scaler" and data["cpu_clock"] == "process" and data["cpu"]
+    assert "other_load_cores" in data
+    res = data["results"]
+    assert set(res) == {"torch", "torch-control", "ampkit"} == set(data["scalers"])
+    for r in res.values():
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["p10_cpu_ms"] <= r["median_cpu_ms"] <= r["p90_cpu_ms"]
+    assert data["ratio_of_medians"] == pytest.approx(res["ampkit"]["median_ms"] / res["torch"]["median_ms"])
+    assert data["control_ratio_of_cpu_medians"] == pytest.approx(
+        res["torch-control"]["median_cpu_ms"] / res["torch"]["median_cpu_ms"])
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "bench_grad_scaler.py"), "--tensors", "0"],
+                         capture_output=True, timeout=300)
+    assert bad.returncode != 0
+
+
+def test_sgd_lowp_records_clock_and_cpu_ratios(tmp_path):
+    out = tmp_path / "s.json"
+    run_script("bench_sgd_lowp.py", "--numel", "1000", "--tensors", "2", "--repeats", "3", "--dtype", "bfloat16",
+               "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "sgd_lowp" and data["cpu_clock"] == "process" and "other_load_cores" in data
+    (r,) = data["results"]
+    m = r["median"]
+    assert r["ampkit_over_torch_foreach_cpu"] == pytest.approx(m["ampkit"]["cpu_ms"] / m["torch-foreach"]["cpu_ms"])
+    for name in m:
+        assert r["p10"][name]["wall_ms"] <= m[name]["wall_ms"] <= r["p90"][name]["wall_ms"]
+
+
+# ----------------------------------------------------------------------------- the C++ benchmark
+CPP_BENCH = os.path.join(os.environ.get("AMPKIT_BUILD_DIR", os.path.join(ROOT, "build")), "benchmarks",
+                         "fp32_vs_amp_cpp")
+
+
+@pytest.mark.skipif(not os.path.exists(CPP_BENCH), reason=f"{CPP_BENCH} is not built")
+def test_fp32_vs_amp_cpp_modes_ratios_and_json(tmp_path):
+    out = tmp_path / "c.json"
+    subprocess.run([CPP_BENCH, "--device", "cpu", "--tiny", "--steps", "3", "--chunk", "1", "--warmup", "1",
+                    "--json", str(out)], check=True, capture_output=True, timeout=300)
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "fp32_vs_amp_cpp" and data["cpu_clock"] == "process" and data["samples"] == 3
+    assert data["cpu"] == _common.cpu_model() and data["cpu_flags"] == _common.cpu_flags()
+    assert data["other_load_cores"] is None or data["other_load_cores"] >= 0
+    modes = ["fp32", "torch-bf16", "torch-bf16-control", "ampkit-fp32", "ampkit-bf16"]
+    assert data["modes"] == modes
+    rows = {(r["model"], r["mode"]): r for r in data["results"]}
+    assert set(rows) == {(m, o) for m in ("mlp", "transformer", "cnn") for o in modes}
+    expected = {  # mode: (peer, AMP baseline)
+        "fp32": (None, None), "torch-bf16": (None, "fp32"), "torch-bf16-control": ("torch-bf16", "fp32"),
+        "ampkit-fp32": ("fp32", None), "ampkit-bf16": ("torch-bf16", "ampkit-fp32")}
+    for (model, mode), r in rows.items():
+        assert r["samples"] == 3 and r["p10_ms"] <= r["step_ms"] <= r["p90_ms"]
+        assert r["cpu_p10_ms"] <= r["cpu_ms"] <= r["cpu_p90_ms"]
+        peer, base = expected[mode]
+        assert (r["peer"], r["amp_baseline"]) == (peer, base)
+        fp32 = rows[(model, "fp32")]
+        assert r["speedup_vs_fp32"] == pytest.approx(fp32["step_ms"] / r["step_ms"], rel=1e-6)
+        assert r["speedup_vs_fp32_cpu"] == pytest.approx(fp32["cpu_ms"] / r["cpu_ms"], rel=1e-6)
+        for key, of, inverse in (("ratio_vs_peer", peer, False), ("amp_gain", base, True)):
+            if of is None:
+                assert r[key] is None and r[key + "_cpu"] is None
+                continue
+            o = rows[(model, of)]
+            wall, cpu = (o["step_ms"] / r["step_ms"], o["cpu_ms"] / r["cpu_ms"])
+            if not inverse:
+                wall, cpu = 1 / wall, 1 / cpu
+            assert r[key] == pytest.approx(wall, rel=1e-6) and r[key + "_cpu"] == pytest.approx(cpu, rel=1e-6)
+        assert math.isfinite(r["final_loss"]) and r["loss_rel_diff"] < 0.05
+        # The control is an identical copy of torch-bf16: the same losses.
+        assert rows[(model, "torch-bf16-control")]["final_loss"] == rows[(model, "torch-bf16")]["final_loss"]
+    bad = subprocess.run([CPP_BENCH, "--tiny", "--modes", "torch-bf16,torch-bf16"], capture_output=True, timeout=300)
+    assert bad.returncode == 2 and b"twice" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- README tables
+README = os.path.join(ROOT, "README.md")
+RESULTS = os.path.join(BENCH, "results")
+
+
+def test_readme_tables_match_committed_results(capsys):
+    assert render_readme.main(["--check"]) == 0, capsys.readouterr()
+
+
+def benchmarks_section(text):
+    start = text.index("\n## Benchmarks\n")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_every_benchmark_table_is_rendered():
+    section = benchmarks_section(open(README, encoding="utf-8").read())
+    outside = render_readme.MARKER.sub("", section)
+    assert [line for line in outside.splitlines() if line.startswith("|")] == []
+    assert set(m.group("name") for m in render_readme.MARKER.finditer(section)) == set(render_readme.BLOCKS)
+
+
+def copy_results(tmp_path):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    readme = tmp_path / "README.md"
+    shutil.copy(README, readme)
+    return readme, results
+
+
+def test_render_check_fails_on_drift_and_rendering_fixes_it(tmp_path):
+    readme, results = copy_results(tmp_path)
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert render_readme.main(args + ["--check"]) == 0
+    data = json.loads((results / "sgd_lowp_cpu.json").read_text())
+    data["cpu"] = "Test CPU 9000"
+    data["results"][0]["ampkit_over_torch_foreach_wall"] = 0.123456
+    (results / "sgd_lowp_cpu.json").write_text(json.dumps(data))
+    assert render_readme.main(args + ["--check"]) == 1
+    assert render_readme.main(args) == 0
+    text = readme.read_text()
+    block = text[text.index("<!-- results:sgd_lowp_cpu -->"):]
+    block = block[:block.index("<!-- /results -->")]
+    assert "Test CPU 9000" in block and "**0.123**" in block
+    assert render_readme.main(args + ["--check"]) == 0
+    # Text outside the blocks is left alone.
+    assert render_readme.MARKER.sub("", text) == render_readme.MARKER.sub("", open(README, encoding="utf-8").read())
+
+
+def test_render_rejects_unrendered_results_and_missing_blocks(tmp_path):
+    readme, results = copy_results(tmp_path)
+    args = ["--readme", str(readme), "--results", str(results)]
+    (results / "new_benchmark_cpu.json").write_text("{}")
+    with pytest.raises(render_readme.RenderError, match="new_benchmark_cpu.json"):
+        render_readme.render(readme.read_text(), str(results))
+    assert render_readme.main(args + ["--check"]) == 1
+    os.remove(results / "new_benchmark_cpu.json")
+    text = readme.read_text()
+    start = text.index("<!-- results:grad_scaler_cpu -->")
+    end = text.index("<!-- /results -->", start) + len("<!-- /results -->")
+    with pytest.raises(render_readme.RenderError, match="grad_scaler_cpu"):
+        render_readme.render(text[:start] + text[end:], str(results))
+    with pytest.raises(render_readme.RenderError, match="twice|2 times"):
+        render_readme.render(text + text[start:end], str(results))
+
+
+def test_instructions_table_has_the_before_column_only_when_the_json_does(tmp_path):
+    row = {"op": "mm", "none_instr": 7000.4, "torch_instr": 70000.0, "ampkit_instr": 70700.0,
+           "ampkit_kernel_instr": 0.0}
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps({"cpu": "Test CPU", "torch": "9.9", "calls": 10, "results": [row]}))
+    text = render_readme.render_autocast_instructions([str(path)])
+    assert "before" not in text and "Test CPU" in text and "| mm | 7,000 | 70,000 | 70,700 | 1.010 | 0 |" in text
+    path.write_text(json.dumps({"cpu": "Test CPU", "torch": "9.9", "calls": 10,
+                                "results": [{**row, "ampkit_boxed_instr": 71234.0}]}))
+    text = render_readme.render_autocast_instructions([str(path)])
+    assert "boxed kernels (before)" in text and "| 71,234 |" in text
