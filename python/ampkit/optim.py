@@ -222,6 +222,8 @@ class AdamW(_AdamBase):
     _decoupled = True
     _name = "AdamW"
 
+    # Adam's signature again, on purpose: torch.optim.AdamW's, with its default weight_decay, so that
+    # inspect.signature and IDEs show what torch shows.
     def __init__(
         self,
         params: Params,
