@@ -217,6 +217,7 @@ def render_autocast_instructions(paths):
     rows_in = d["results"]
     split = all("torch_instr_no_malloc" in r for r in rows_in)  # results since the allocator was split out
     armed = all("ampkit_cuda_armed_instr" in r for r in rows_in)
+    boxed = all("ampkit_boxed_instr" in r for r in rows_in)  # a before/after comparison of the boxed kernels
     intro = (
         f"The same in instructions per call, which do not vary with the machine's load (`python "
         f"benchmarks/bench_autocast_instructions.py`, callgrind, {d['calls']} calls each, {machine(d, flags=False)}; "
@@ -228,13 +229,14 @@ def render_autocast_instructions(paths):
     )
 
     def cell(r, mode):
-        if split:
+        if split and mode + "_instr_no_malloc" in r:
             return f"{r[mode + '_instr']:,.0f} / {r[mode + '_instr_no_malloc']:,.0f}"
         return f"{r[mode + '_instr']:,.0f}"
 
-    modes = ["none", "torch", "ampkit"] + (["ampkit_cuda_armed"] if armed else [])
-    names = {"none": "no autocast", "torch": "torch.autocast", "ampkit": "ampkit.autocast",
-             "ampkit_cuda_armed": "ampkit.autocast, CUDA table registered"}
+    modes = ["none", "torch"] + (["ampkit_boxed"] if boxed else []) + ["ampkit"]
+    modes += ["ampkit_cuda_armed"] if armed else []
+    names = {"none": "no autocast", "torch": "torch.autocast", "ampkit_boxed": "ampkit, boxed kernels (before)",
+             "ampkit": "ampkit.autocast", "ampkit_cuda_armed": "ampkit.autocast, CUDA table registered"}
     head = ["op"] + [names[m] for m in modes] + ["ampkit / torch"]
     rows = []
     for r in rows_in:

@@ -353,10 +353,20 @@ def test_instructions_table_has_the_before_column_only_when_the_json_does(tmp_pa
     row = {"op": "mm", "none_instr": 7000.4, "torch_instr": 70000.0, "ampkit_instr": 70700.0,
            "ampkit_kernel_instr": 0.0}
     path = tmp_path / "i.json"
-    path.write_text(json.dumps({"cpu": "Test CPU", "torch": "9.9", "calls": 10, "results": [row]}))
-    text = render_readme.render_autocast_instructions([str(path)])
-    assert "before" not in text and "Test CPU" in text and "| mm | 7,000 | 70,000 | 70,700 | 1.010 | 0 |" in text
-    path.write_text(json.dumps({"cpu": "Test CPU", "torch": "9.9", "calls": 10,
-                                "results": [{**row, "ampkit_boxed_instr": 71234.0}]}))
-    text = render_readme.render_autocast_instructions([str(path)])
-    assert "boxed kernels (before)" in text and "| 71,234 |" in text
+
+    def rendered(rows):
+        path.write_text(json.dumps({"cpu": "Test CPU", "torch": "9.9", "calls": 10, "results": rows}))
+        return render_readme.render_autocast_instructions([str(path)])
+
+    text = rendered([row])
+    assert "boxed kernels (before)" not in text and "Test CPU" in text
+    assert "| mm | 7,000 | 70,000 | 70,700 | 1.010 |" in text
+    text = rendered([{**row, "ampkit_boxed_instr": 71234.0}])
+    assert "| no autocast | torch.autocast | ampkit, boxed kernels (before) | ampkit.autocast |" in text
+    assert "| mm | 7,000 | 70,000 | 71,234 | 70,700 | 1.010 |" in text
+    # Counts without glibc's allocator beside the totals: "all / outside malloc", the ratio from the latter.
+    split = {**row, "none_instr_no_malloc": 6000.0, "torch_instr_no_malloc": 60000.0,
+             "ampkit_instr_no_malloc": 60300.0}
+    text = rendered([split])
+    assert "| mm | 7,000 / 6,000 | 70,000 / 60,000 | 70,700 / 60,300 | 1.005 |" in text
+    assert "| 71,234 |" in rendered([{**split, "ampkit_boxed_instr": 71234.0}])
