@@ -84,16 +84,11 @@ Workload make_workload(const std::string& name, torch::Device device, bool tiny)
   torch::manual_seed(1234);
   Workload w;
   const int batches = 8;
+  const auto size = [&](int64_t tiny_size, int64_t cuda_size, int64_t cpu_size) {
+    return tiny ? tiny_size : cuda ? cuda_size : cpu_size;
+  };
   if (name == "mlp") {
-    const int64_t batch = tiny   ? 32
-                          : cuda ? 8192
-                                 : 256,
-                  d_in = tiny   ? 64
-                         : cuda ? 4096
-                                : 1024,
-                  hidden = tiny   ? 64
-                           : cuda ? 8192
-                                  : 2048;
+    const int64_t batch = size(32, 8192, 256), d_in = size(64, 4096, 1024), hidden = size(64, 8192, 2048);
     auto teacher = torch::randn({d_in, kClasses});
     for (int i = 0; i < batches; ++i) {
       auto x = torch::randn({batch, d_in});
@@ -109,21 +104,8 @@ Workload make_workload(const std::string& name, torch::Device device, bool tiny)
     };
     w.batch = batch;
   } else if (name == "transformer") {
-    const int64_t batch = tiny   ? 4
-                          : cuda ? 64
-                                 : 8,
-                  seq = tiny   ? 16
-                        : cuda ? 1024
-                               : 128,
-                  d = tiny   ? 32
-                      : cuda ? 2048
-                             : 512,
-                  heads = tiny   ? 4
-                          : cuda ? 16
-                                 : 8,
-                  ff = tiny   ? 64
-                       : cuda ? 8192
-                              : 2048;
+    const int64_t batch = size(4, 64, 8), seq = size(16, 1024, 128), d = size(32, 2048, 512), heads = size(4, 16, 8),
+                  ff = size(64, 8192, 2048);
     auto teacher = torch::randn({d, kClasses});
     for (int i = 0; i < batches; ++i) {
       auto x = torch::randn({seq, batch, d});
@@ -135,15 +117,7 @@ Workload make_workload(const std::string& name, torch::Device device, bool tiny)
     };
     w.batch = batch;
   } else if (name == "cnn") {
-    const int64_t batch = tiny   ? 4
-                          : cuda ? 512
-                                 : 32,
-                  width = tiny   ? 4
-                          : cuda ? 128
-                                 : 32,
-                  image = tiny   ? 8
-                          : cuda ? 64
-                                 : 32;
+    const int64_t batch = size(4, 512, 32), width = size(4, 128, 32), image = size(8, 64, 32);
     auto teacher = torch::randn({3, kClasses});
     for (int i = 0; i < batches; ++i) {
       auto x = torch::randn({batch, 3, image, image});
