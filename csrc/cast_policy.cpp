@@ -490,21 +490,21 @@ const std::vector<c10::DeviceType>& policy_device_types() {
 bool has_policy_table(c10::DeviceType device_type) { return policy_device_index(device_type) >= 0; }
 
 namespace {
-// Runs \p f(registry, table index) under the registry's lock, once the registry is initialized:
-// the prologue of every table call.
+// Runs \p f(registry) under the registry's lock, once the registry is initialized: the prologue
+// of every table call.
 template <class F>
-auto locked(int device, F&& f) {
+auto locked(F&& f) {
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
   init_locked(r);
-  return f(r, device);
+  return f(r);
 }
 }  // namespace
 
 std::optional<CastPolicy> get_policy(std::string_view op, c10::DeviceType device_type) {
   const int d = checked_device(device_type);
   const std::string name = full_name(parse_op_name(op));
-  return locked(d, [&](Registry& r, int d) -> std::optional<CastPolicy> {
+  return locked([&](Registry& r) -> std::optional<CastPolicy> {
     auto it = r.tables[d].find(name);
     if (it == r.tables[d].end()) return std::nullopt;
     return it->second;
@@ -518,7 +518,7 @@ void set_policy(std::string_view op, c10::DeviceType device_type, CastPolicy pol
   auto handle = find_op(op);
   const std::string name = full_name(handle.operator_name());
   auto target = check_policy_fits(name, handle.schema(), policy);
-  locked(d, [&](Registry& r, int d) {
+  locked([&](Registry& r) {
     auto& e = entry_for(r, name, handle);
     if (target) ensure_append_target(r, e);
     r.tables[d][name] = policy;
@@ -533,7 +533,7 @@ void set_policy(std::string_view op, c10::DeviceType device_type, CastPolicy pol
 bool remove_policy(std::string_view op, c10::DeviceType device_type) {
   const int d = checked_device(device_type);
   const std::string name = full_name(find_op(op).operator_name());
-  return locked(d, [&](Registry& r, int d) {
+  return locked([&](Registry& r) {
     if (r.tables[d].erase(name) == 0) return false;
     store_policy(*r.by_name.at(name), d, std::nullopt);
     arm_locked(r, d);  // as set_policy; the removed op's kernel keeps torch's from casting it
@@ -543,13 +543,15 @@ bool remove_policy(std::string_view op, c10::DeviceType device_type) {
 }
 
 PolicyMap list_policies(c10::DeviceType device_type) {
-  return locked(checked_device(device_type), [](Registry& r, int d) { return r.tables[d]; });
+  const int d = checked_device(device_type);
+  return locked([&](Registry& r) { return r.tables[d]; });
 }
 
 PolicyMap default_policies(c10::DeviceType device_type) { return defaults(checked_device(device_type)); }
 
 void reset_policies(c10::DeviceType device_type) {
-  locked(checked_device(device_type), [](Registry& r, int d) { apply_table(r, d, defaults(d)); });
+  const int d = checked_device(device_type);
+  locked([&](Registry& r) { apply_table(r, d, defaults(d)); });
 }
 
 void reset_policies() {

@@ -94,21 +94,20 @@ at::Tensor reciprocal_scale(const at::Tensor& scale) {
 }
 
 std::vector<at::Tensor> unscale_grads_(at::ArrayRef<at::Tensor> params, const at::Tensor& inv_scale, bool allow_fp16) {
-  // Validate everything before touching any grad, so that a throw changes nothing.
+  // Checked before any grad is touched, so that a throw changes nothing; the grads themselves are
+  // checked by unscale_grad_list_, which refuses fp16 ones before anything changes unless allow_fp16.
   check_inv_scale(inv_scale);
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].defined(),
                       "unscale_grads_: expected defined parameters, got an undefined one at index ", i);
-    const at::Tensor& grad = params[i].grad();
-    if (!grad.defined()) continue;
-    TORCH_CHECK_VALUE(allow_fp16 || grad.scalar_type() != at::kHalf, "Attempting to unscale FP16 gradients.");
   }
   std::vector<at::Tensor> grads;
   for (const at::Tensor& param : params) {
     if (!param.grad().defined()) continue;
     // An uncoalesced sparse grad may hold several values for one index that only overflow once
-    // summed; fp16 sums overflow easily, so coalesce (replacing the grad) and check the sum.
-    if (param.grad().is_sparse() && param.grad().scalar_type() == at::kHalf) {
+    // summed; fp16 sums overflow easily, so coalesce (replacing the grad) and check the sum. Only
+    // with allow_fp16: otherwise the fp16 grad is refused below, and must be left as it was.
+    if (allow_fp16 && param.grad().is_sparse() && param.grad().scalar_type() == at::kHalf) {
       at::NoGradGuard no_grad;
       param.mutable_grad() = param.grad().coalesce();
     }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ampkit
-from scaler_sequences import random_scaler_options
+from shared import random_scaler_options
 
 CppScaler = ampkit._C._testing.CppScaler
 CppTrainer = ampkit._C._testing.CppTrainer

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ampkit
-from scaler_sequences import random_scaler_options
+from shared import FailingOnceSGD, random_scaler_options
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -657,25 +657,11 @@ def test_is_a_torch_grad_scaler_and_runs_torch_s_state_machine():
         assert getattr(ampkit.GradScaler, name) is getattr(torch.amp.GradScaler, name), name
 
 
-class _ThrowingFusedSGD(torch.optim.SGD):
-    """A scale-aware optimizer whose step fails once (an OOM, a NaN check...)."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.1, fused=True)
-        self.fail = True
-
-    def step(self, closure=None):
-        if self.fail:
-            self.fail = False
-            raise RuntimeError("step failed")
-        return super().step(closure)
-
-
 def test_a_failed_scale_aware_step_leaves_no_stale_grad_scale_behind():
     results = {}
     for cls in (torch.amp.GradScaler, ampkit.GradScaler):
         p = torch.ones(4, requires_grad=True)
-        opt = _ThrowingFusedSGD([p])
+        opt = FailingOnceSGD([p], fused=True)  # scale-aware: the scaler hands it grad_scale
         s = cls("cpu", init_scale=4.0)
         s.scale(p.sum()).backward()
         with pytest.raises(RuntimeError, match="step failed"):

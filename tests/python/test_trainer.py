@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ampkit
+from shared import FailingOnceSGD
 import ampkit.optim as ao
 
 F = torch.nn.functional
@@ -342,21 +343,9 @@ def test_bad_scaler_and_fp16_params_are_refused_before_any_step():
     assert all(p.grad is None for p in half.parameters())
 
 
-class _FailingOnceSGD(torch.optim.SGD):
-    def __init__(self, params):
-        super().__init__(params, lr=0.1)
-        self.fail = True
-
-    def step(self, closure=None):
-        if self.fail:
-            self.fail = False
-            raise RuntimeError("step failed")
-        return super().step(closure)
-
-
 def test_a_failing_optimizer_step_drops_its_window_and_the_next_one_is_clean():
     m, m_ref = _model(), _model()
-    t = ampkit.Trainer(m, _FailingOnceSGD(m.parameters()), device_type="cpu", dtype=torch.float16,
+    t = ampkit.Trainer(m, FailingOnceSGD(m.parameters()), device_type="cpu", dtype=torch.float16,
                        scaler=ampkit.GradScaler("cpu", init_scale=2.0**8), accumulation_steps=2)
     ref = ampkit.Trainer(m_ref, torch.optim.SGD(m_ref.parameters(), lr=0.1), device_type="cpu", dtype=torch.float16,
                          scaler=ampkit.GradScaler("cpu", init_scale=2.0**8), accumulation_steps=2)
