@@ -295,6 +295,25 @@ def render_sgd_lowp(paths):
     return paragraph(intro + ":") + "\n\n" + table(head, rows)
 
 
+def render_diagnostics(paths):
+    (path,) = paths
+    d = load(path)
+    size = "the smoke-test size" if d.get("tiny") else "the benchmark's size"
+    intro = (
+        f"What the diagnostics cost on the FP32-vs-AMP benchmark's {d['model']} step ({size}, ampkit-{d['dtype']}, "
+        f"ampkit.Trainer; `python benchmarks/bench_diagnostics.py`, {machine(d)}, medians of "
+        f"{d['rounds'] * d['steps_per_round']} steps per mode in {d['rounds']} interleaved rounds, each step "
+        f"opening and closing its own report or locator, wall time and {clock(d)}; `{rel(path)}`; the report of "
+        f"one step has {d['report_rows']} rows). plain-control is a second, identical plain run: its ratio is the "
+        f"noise band"
+    )
+    names = {"plain": "the step alone", "plain-control": "the step alone (control)",
+             "report": "inside `precision_report(model)`", "locator": "inside `overflow_locator(model)`"}
+    rows = [[names.get(r["mode"], r["mode"]), pair(r["median_ms"], r["cpu_median_ms"], ms),
+             f"**{ratio(r['wall_ratio'])}** / {ratio(r['cpu_ratio'])}"] for r in d["results"]]
+    return paragraph(intro + ":") + "\n\n" + table(["mode", "step ms, wall / CPU", "ratio to the step alone"], rows)
+
+
 # name -> (renderer, the JSON files under the results directory it reads)
 BLOCKS = {
     "fp32_vs_amp_cpu": (render_fp32_vs_amp, ["fp32_vs_amp_cpu.json"]),
@@ -303,6 +322,7 @@ BLOCKS = {
     "autocast_instructions_cpu": (render_autocast_instructions, ["autocast_instructions_cpu.json"]),
     "grad_scaler_cpu": (render_grad_scaler, ["grad_scaler_cpu.json", "grad_scaler_small_cpu.json"]),
     "sgd_lowp_cpu": (render_sgd_lowp, ["sgd_lowp_cpu.json"]),
+    # "diagnostics_cpu": added with its first results
 }
 
 

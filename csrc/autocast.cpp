@@ -2,6 +2,7 @@
 
 #include "autocast_kernel.h"
 #include "autocast_region.h"
+#include "diagnostics_hooks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CachedTensorUtils.h>
@@ -55,9 +56,16 @@ at::Tensor cast(const at::Tensor& t, c10::ScalarType to, const CallState& state)
   const bool cacheable = state.cache_enabled && to == state.dtype && t.scalar_type() == at::kFloat &&
                          t.requires_grad() && t.is_leaf() && !t.is_view() && !c10::InferenceMode::is_enabled() &&
                          !at::caching::is_cached_tensor(t);
-  if (!cacheable) return t.to(to);
+  if (!cacheable) {
+    at::Tensor casted = t.to(to);
+    note_cast(t, casted, /*cached=*/false);
+    return casted;
+  }
   auto it = tls.cache.find(t.unsafeGetTensorImpl());
-  if (it != tls.cache.end()) return it->second.cast;
+  if (it != tls.cache.end()) {
+    note_cast(t, it->second.cast, /*cached=*/true);
+    return it->second.cast;
+  }
   at::Tensor casted;
   {
     c10::AutoGradMode record(true);
@@ -66,6 +74,7 @@ at::Tensor cast(const at::Tensor& t, c10::ScalarType to, const CallState& state)
   tls.cache.emplace(
       t.unsafeGetTensorImpl(),
       CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()), casted});
+  note_cast(t, casted, /*cached=*/false);
   return casted;
 }
 

@@ -134,6 +134,10 @@ void ensure_initialized();
 // what the default table says.
 void ensure_armed(c10::DeviceType device_type);
 
+// The entry of operator \p name ("aten::mm") if ampkit's kernel for it is registered, else nullptr:
+// what the diagnostics read to tell which policy a call got. Takes the registry's lock.
+const OpEntry* registered_entry(const std::string& name);
+
 // The boxed kernel body of every table op (autocast.cpp).
 void run_autocast_kernel(const OpEntry& entry, const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                          torch::jit::Stack* stack);

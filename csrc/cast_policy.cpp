@@ -435,6 +435,13 @@ void ensure_armed(c10::DeviceType device_type) {
   arm_locked(r, d);
 }
 
+const OpEntry* registered_entry(const std::string& name) {
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  auto it = r.by_name.find(name);
+  return it != r.by_name.end() && it->second->registered ? it->second : nullptr;
+}
+
 void ensure_initialized() {
   auto& r = registry();
   // The fast path of every region entry: no lock once initialized and nothing to rebuild.

@@ -1,5 +1,6 @@
 #include <ampkit/grad_scaler.h>
 
+#include "diagnostics_hooks.h"
 #include "grad_scaler_detail.h"
 #include "tensor_groups.h"
 
@@ -236,6 +237,7 @@ at::Tensor GradScaler::scale(const at::Tensor& outputs) {
   if (!is_enabled()) return outputs;
   TORCH_CHECK_VALUE(outputs.defined(), "GradScaler.scale: expected a defined tensor, got an undefined one");
   if (!scale_.defined()) lazy_init(outputs.device());
+  detail::note_loss_scale(scale_);
   return outputs * scale_.to(outputs.device(), /*non_blocking=*/true);
 }
 
@@ -248,6 +250,7 @@ std::vector<at::Tensor> GradScaler::scale(at::ArrayRef<at::Tensor> outputs) {
   std::vector<at::Tensor> scaled;
   if (outputs.empty()) return scaled;
   if (!scale_.defined()) lazy_init(outputs[0].device());
+  detail::note_loss_scale(scale_);
   PerDeviceCopies scales(scale_);
   scaled.reserve(outputs.size());
   for (const auto& t : outputs) scaled.push_back(t * scales.get(t.device()));

@@ -32,6 +32,7 @@ void bind_autocast(py::module_& m);
 void bind_grad_scaler(py::module_& m);
 void bind_optim(py::module_& m);
 void bind_trainer(py::module_& m);
+void bind_diagnostics(py::module_& m);
 void bind_testing(py::module_& m);
 
 }  // namespace ampkit::python

@@ -42,5 +42,6 @@ PYBIND11_MODULE(_C, m) {
   ampkit::python::bind_grad_scaler(m);
   ampkit::python::bind_optim(m);
   ampkit::python::bind_trainer(m);
+  ampkit::python::bind_diagnostics(m);
   ampkit::python::bind_testing(m);
 }

@@ -28,6 +28,14 @@ from ._autocast import (
 )
 from ._grad_scaler import GradScaler
 from ._trainer import Trainer, StepStats
+from ._diagnostics import (
+    precision_report,
+    overflow_locator,
+    module_scope,
+    PrecisionReport,
+    OverflowLocator,
+    OverflowEvent,
+)
 from . import optim
 from ._cast_policy import (
     CastPolicy,
@@ -61,4 +69,10 @@ __all__ = [
     "Trainer",
     "StepStats",
     "optim",
+    "precision_report",
+    "overflow_locator",
+    "module_scope",
+    "PrecisionReport",
+    "OverflowLocator",
+    "OverflowEvent",
 ]
