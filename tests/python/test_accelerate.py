@@ -184,3 +184,38 @@ def test_save_state_and_load_state_continue_as_an_uninterrupted_run(tmp_path):
     accelerate_loop(resumed, resumed_model, resumed_opt, data[4:])
     assert_bitwise(params(resumed_model), params(model))
     assert resumed.scaler.state_dict() == acc.scaler.state_dict()
+
+
+def test_the_recipe_without_the_helper_trains_as_the_helper(tmp_path):
+    """docs/integrations.md's hand-written recipe on a plain Accelerator."""
+    model, opt = make()
+    acc = AmpkitAccelerator(mixed_precision="fp16", cpu=True, scaler=ampkit.GradScaler("cpu", **SCALER))
+    model, opt = acc.prepare(model, opt)
+    accelerate_loop(acc, model, opt, batches())
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+    hand_model, hand_opt = make()
+    plain = accelerate.Accelerator(mixed_precision="no", cpu=True)
+    scaler = ampkit.GradScaler("cpu", **SCALER)
+    plain.register_for_checkpointing(scaler)
+    hand_model, hand_opt = plain.prepare(hand_model, hand_opt)
+    for x, y in batches():
+        with plain.accumulate(hand_model):
+            with ampkit.autocast("cpu", dtype=torch.float16):
+                out = hand_model(x)
+            loss = torch.nn.functional.mse_loss(out.float(), y)
+            plain.backward(scaler.scale(loss))
+            if plain.sync_gradients:
+                scaler.unscale_(hand_opt)
+                plain.clip_grad_norm_(hand_model.parameters(), 1.0)
+                scaler.step(hand_opt)
+                scaler.update()
+            hand_opt.zero_grad()
+    assert_bitwise(params(hand_model), params(model))
+    assert scaler.state_dict() == acc.scaler.state_dict()
+    plain.save_state(tmp_path / "ckpt")
+    restored = ampkit.GradScaler("cpu")
+    loaded = torch.load(tmp_path / "ckpt" / "custom_checkpoint_0.pkl", weights_only=False)
+    restored.load_state_dict(loaded)
+    assert restored.state_dict() == scaler.state_dict()
