@@ -1,5 +1,5 @@
 """Sphinx configuration of ampkit's documentation; scripts/build_docs.sh builds it (with -W)."""
-import importlib.util
+import importlib
 import os
 
 import ampkit
@@ -23,7 +23,15 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 # The integrations' pages document their classes where Lightning / accelerate are installed (the
 # dev requirements install both); elsewhere the frameworks are mocked so the build still works.
-autodoc_mock_imports = [m for m in ("lightning", "accelerate") if importlib.util.find_spec(m) is None]
+def _missing(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return True
+    return False
+
+
+autodoc_mock_imports = [m for m in ("lightning", "accelerate") if _missing(m)]
 
 html_theme = "alabaster"
 html_title = f"ampkit {release}"
