@@ -3,6 +3,7 @@
 ::
 
     import lightning.pytorch as pl
+    import ampkit
     from ampkit.integrations.lightning import AmpkitPrecision
 
     ampkit.set_policy("aten::gelu", "cuda", "fp32")       # the table the plugin's autocast follows
