@@ -15,7 +15,7 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "Doxyfile"]
+exclude_patterns = ["_build", "Doxyfile", "doxygen_mainpage.md"]  # the latter is Doxygen's
 myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence"]
 
