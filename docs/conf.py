@@ -34,6 +34,7 @@ def _missing(module: str) -> bool:
 autodoc_mock_imports = [m for m in ("lightning", "accelerate") if _missing(m)]
 
 html_theme = "alabaster"
+html_theme_options = {"page_width": "1240px", "sidebar_width": "220px"}  # room for the code and tables
 html_title = f"ampkit {release}"
 html_static_path = []
 # scripts/build_docs.sh runs Doxygen first and points here: the C++ reference lands in cpp/.
