@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set-up on a fresh machine, idempotent: Debian's Catch2/cmake/ninja, torch (the local CPU
-# wheel, 2.13.0) when none is installed, the Python test tools, then the build of the library,
+# Set-up on a fresh machine, idempotent: Debian's Catch2/cmake/ninja/doxygen, torch (the local CPU
+# wheel, 2.13.0) when none is installed, the Python test and docs tools, then the build of the library,
 # the Python module, the Catch2 tests and the examples into build/ (pip editable install).
 # Sourced by run_main.sh and run_tests.sh. Honours PYTHON (default python3).
 set -euo pipefail
@@ -12,6 +12,7 @@ missing=()
 [ -f /usr/include/catch2/catch.hpp ] || missing+=(catch2)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v ninja >/dev/null || missing+=(ninja-build)
+command -v doxygen >/dev/null || missing+=(doxygen)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[ampkit] installing Debian packages: ${missing[*]}"
   sudo_cmd=""
@@ -24,7 +25,11 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "[ampkit] installing torch==2.13.0"
   "$PYTHON" -m pip install -q torch==2.13.0
 fi
-"$PYTHON" -m pip install -q -r requirements-dev.txt
+# The installed torch is a constraint: no requirement (lightning, accelerate) may replace it.
+torch_pin="$(mktemp)"
+"$PYTHON" -c "import torch; print('torch==' + torch.__version__)" >"$torch_pin"
+"$PYTHON" -m pip install -q -r requirements-dev.txt -c "$torch_pin"
+rm -f "$torch_pin"
 
 echo "[ampkit] building (build/: library, ampkit._C, Catch2 tests, examples)"
 export AMPKIT_BUILD_TESTS=1

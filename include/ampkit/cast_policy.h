@@ -70,6 +70,8 @@ std::optional<CastPolicy> get_policy(std::string_view op, c10::DeviceType device
 /// was, when the name is malformed, the operator does not exist, the operator has mutable
 /// (in-place or out=) arguments or no Tensor argument, or the policy does not fit its schema.
 /// \param op full name with overload, e.g. "aten::pow.Tensor_Scalar"
+/// \param device_type a device type with a table (see policy_device_types())
+/// \param policy the precision the op runs in inside an AutocastGuard of that device type
 void set_policy(std::string_view op, c10::DeviceType device_type, CastPolicy policy);
 
 /// Removes the entry of \p op; returns false when it had none. Unknown or malformed names

@@ -174,7 +174,7 @@ class OverflowEvent:
 
     Attributes: ``op``, ``phase`` (``"forward"`` / ``"backward"``), ``module`` (or None; a backward op
     is attributed to the module of its forward), ``grad_fn`` (the autograd node, in backward),
-    ``device``, ``in_dtypes``, ``out_dtype``, ``input_absmax`` (max |x| per floating input),
+    ``device``, ``in_dtypes``, ``out_dtype``, ``input_absmax`` (the largest absolute value of each floating input),
     ``policy_op`` / ``policy`` (the op whose cast policy decided the precision, and that policy),
     ``cause`` (``"precision"``: finite when recomputed in float32; ``"loss_scale"``: a backward op whose
     output is finite once divided by the GradScaler's scale; ``"range"``: not finite in float32

@@ -148,7 +148,7 @@ class Trainer:
         """One micro-batch; see the class docstring. Raises ValueError, before any backward, if the
         closure returns something other than a floating-point scalar tensor that requires grad.
 
-        If the optimizer step of a window raises (unscale_, clipping or ``optimizer.step``), the
+        If the optimizer step of a window raises (``unscale_``, clipping or ``optimizer.step``), the
         window is dropped: the grads are zeroed, the scaler forgets the optimizer's stage and
         ``micro_steps`` goes back to the start of the window, so that the next call starts a clean
         window; parameters, optimizer state and scale are as the failed call found them, unless
