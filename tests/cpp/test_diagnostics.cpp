@@ -3,6 +3,8 @@
 #include "test_helpers.h"
 
 #include <algorithm>
+#include <atomic>
+#include <string>
 #include <thread>
 
 using ampkit_test::ResetPoliciesOnExit;
@@ -223,4 +225,44 @@ TEST_CASE("Diagnostics: stop() on another thread is refused; at most eight at on
   report.stop();                  // a second stop does nothing
   ampkit::OverflowLocator again;  // slots are free again
   CHECK_FALSE(again.first().has_value());
+}
+
+TEST_CASE("Diagnostics: reports and locators on several threads while the tables are edited",
+          "[diagnostics][concurrency]") {
+  ResetPoliciesOnExit reset;
+  constexpr int kThreads = 3;
+  constexpr int kCalls = 20;
+  std::vector<std::int64_t> mm_calls(kThreads, -1);
+  std::vector<int> found(kThreads, -1);
+  std::atomic<bool> done{false};
+  std::thread editor([&] {
+    while (!done.load()) {
+      ampkit::set_policy("aten::exp", c10::kCPU, ampkit::CastPolicy::lower_precision_fp);
+      ampkit::remove_policy("aten::exp", c10::kCPU);
+    }
+  });
+  std::vector<std::thread> workers;
+  for (int i = 0; i < kThreads; ++i) {
+    workers.emplace_back([&, i] {
+      const auto x = torch::full({4, 8}, 100.0);
+      const auto w = torch::full({8, 8}, i == 0 ? 300.0 : 1.0);  // only thread 0 overflows fp16
+      ampkit::PrecisionReport report;
+      ampkit::OverflowLocator locator;
+      for (int c = 0; c < kCalls; ++c) {
+        ampkit::ModuleScope scope("worker" + std::to_string(i));
+        ampkit::AutocastGuard guard(c10::kCPU, c10::kHalf);
+        torch::exp(torch::mm(x, w) * 1e-6);
+      }
+      const auto rows = find_rows(report.rows(), "aten::mm", "forward", "worker" + std::to_string(i));
+      mm_calls[i] = rows.size() == 1 ? rows[0]->calls : -1;
+      found[i] = locator.first().has_value() ? 1 : 0;
+    });
+  }
+  for (auto& t : workers) t.join();
+  done.store(true);
+  editor.join();
+  for (int i = 0; i < kThreads; ++i) {
+    CHECK(mm_calls[i] == kCalls);  // each report saw its own thread's calls, all of them
+    CHECK(found[i] == (i == 0 ? 1 : 0));
+  }
 }
