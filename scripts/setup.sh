@@ -25,6 +25,8 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install -q torch==2.13.0
 fi
 "$PYTHON" -m pip install -q -r requirements-dev.txt
+# pyproject.toml's build-system.requires: --no-build-isolation makes pip use what is installed.
+"$PYTHON" -m pip install -q "setuptools>=77"
 
 echo "[ampkit] building (build/: library, ampkit._C, Catch2 tests, examples)"
 export AMPKIT_BUILD_TESTS=1
