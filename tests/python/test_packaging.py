@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -149,8 +150,11 @@ def test_mypy_strict_accepts_typed_users(tmp_path):
     # As for an installed package, mypy reads ampkit's annotations and stubs but reports errors only in
     # the user's files (follow_imports = silent for ampkit).
     package_root = Path(ampkit.__file__).resolve().parents[1]
+    site_dirs = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    # An installed ampkit is found in site-packages; one imported from a source tree, through mypy_path.
+    search = "" if package_root in site_dirs else f"mypy_path = {package_root}\n"
     config = tmp_path / "mypy.ini"
-    config.write_text(f"[mypy]\nmypy_path = {package_root}\n[mypy-ampkit.*]\nfollow_imports = silent\n")
+    config.write_text(f"[mypy]\n{search}[mypy-ampkit.*]\nfollow_imports = silent\n")
     cache = ROOT / "build" / "mypy_cache"
     run = _run([sys.executable, "-m", "mypy", "--strict", "--config-file", str(config), "--cache-dir", str(cache),
                 str(ROOT / "examples" / "train.py"), str(ROOT / "tests" / "typing" / "user_snippet.py")],
