@@ -108,6 +108,17 @@ def test_cmake_prefix_path_serves_a_cpp_project(tmp_path):
     assert run.returncode == 0 and "consumer: ok" in run.stdout, run.stdout + run.stderr
 
 
+def test_cpp_users_share_the_library_with_the_python_module():
+    # A C++ extension linked against the install's libampkit, loaded beside `import ampkit`: one copy
+    # of ampkit in the process (a second would register the ampkit operators again and abort).
+    libs = glob.glob(os.path.join(ampkit.cmake_prefix_path, "lib*", "libampkit.so"))
+    if not libs:
+        pytest.skip(f"no libampkit.so under ampkit.cmake_prefix_path ({ampkit.cmake_prefix_path})")
+    code = f"import ctypes, ampkit; ctypes.CDLL({libs[0]!r}); print(ampkit.get_policy('aten::mm', 'cpu'))"
+    run = _run([sys.executable, "-c", code], timeout=120)
+    assert run.returncode == 0 and "lower_precision_fp" in run.stdout, run.stderr[-2000:]
+
+
 @needs_cmake
 def test_cmake_package_refuses_another_libtorch(tmp_path):
     # A stand-in LibTorch of another release: find_package(ampkit) must fail naming both versions.
