@@ -1,6 +1,6 @@
 """Type stub of ampkit._C, the pybind11 module built from csrc/python/ (cast-policy tables,
 autocast regions, option checks, clipping). Generated with pybind11-stubgen, then tidied; keep it in
-step with the bindings (tests/python/test_typing.py compares the names)."""
+step with the bindings (tests/python/test_packaging.py compares the names)."""
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
