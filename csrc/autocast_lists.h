@@ -1,9 +1,15 @@
 #pragma once
-// Internal: torch's AutocastCPU list (aten/src/ATen/autocast_mode.cpp of the torch version ampkit
-// is built against), which the installed headers do not carry, as a macro list in the style of
-// ATen's AT_FORALL_* lists: `_(policy, op)` or `_(policy, op, overload)`. The default CPU table
-// (cast_policy.cpp) and the unboxed kernels (autocast_unboxed.cpp) are both made from it; the tests
-// check it against the AutocastCPU kernels of the running torch.
+// Internal: torch's AutocastCPU list (aten/src/ATen/autocast_mode.cpp; the installed headers do not
+// carry it) as a macro list in the style of ATen's AT_FORALL_* lists: `_(policy, op)` or
+// `_(policy, op, overload)`. The default CPU table (cast_policy.cpp) and the unboxed kernels
+// (autocast_unboxed.cpp) are both made from it.
+//
+// Written from torch 2.13's list; every supported torch release (see the README) defines the
+// operators it names (the unboxed kernels name their at::_ops types). A running torch's default
+// table keeps the entries that torch registers an AutocastCPU kernel for, so a release that
+// autocasts fewer ops gets its own, shorter table; an aten op that it autocasts and this list lacks
+// is reported (a warning) when the table is built, and the tests, which compare the tables with
+// the running torch's AutocastCPU kernels, fail until the op is added here with its policy.
 
 #define AMPKIT_FORALL_CPU_DEFAULTS(_)                 \
   _(lower_precision_fp, conv1d)                       \

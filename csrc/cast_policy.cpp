@@ -5,6 +5,7 @@
 
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cctype>
@@ -350,10 +351,33 @@ const PolicyMap& defaults(int device) {
     static_assert(kPolicyDevices[0].type == c10::DeviceType::CPU && kPolicyDevices[1].type == c10::DeviceType::CUDA,
                   "the default tables are built in kPolicyDevices' order");
     std::array<PolicyMap, kNumPolicyDevices> out{build_cpu_defaults(), build_cuda_defaults()};
-    // An op missing from this torch build (lists differ between versions) is left out.
-    for (auto& m : out) {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    for (int d = 0; d < kNumPolicyDevices; ++d) {
+      // The lists are written for the supported torch releases; each torch gets the entries it
+      // autocasts itself (an op it lacks, or does not autocast on this device type, is left out).
+      const auto key = kPolicyDevices[d].torch_key;
+      auto& m = out[d];
       for (auto it = m.begin(); it != m.end();) {
-        it = c10::Dispatcher::singleton().findSchema(parse_op_name(it->first)) ? std::next(it) : m.erase(it);
+        auto op = dispatcher.findSchema(parse_op_name(it->first));
+        it = op && op->hasKernelForDispatchKey(key) ? std::next(it) : m.erase(it);
+      }
+      // An aten op this torch autocasts that the list lacks has no known policy here: say so
+      // (the tests compare the tables with the dispatcher and fail).
+      std::vector<std::string> unknown;
+      for (const auto& name : dispatcher.getAllOpNames()) {
+        if (name.name.rfind("aten::", 0) != 0 || m.count(full_name(name))) continue;
+        auto op = dispatcher.findSchema(name);
+        if (op && op->hasKernelForDispatchKey(key)) unknown.push_back(full_name(name));
+      }
+      if (!unknown.empty()) {
+        std::sort(unknown.begin(), unknown.end());
+        std::ostringstream names;
+        for (const auto& n : unknown) names << " " << n;
+        TORCH_WARN("ampkit: torch ", TORCH_VERSION_MAJOR, ".", TORCH_VERSION_MINOR, " autocasts these operators on ",
+                   c10::DeviceTypeName(policy_device_type(d), /*lower_case=*/true),
+                   ", which ampkit's default table for that device type lacks (they run uncast in ampkit regions; "
+                   "add them with set_policy, and report it):",
+                   names.str());
       }
     }
     return out;

@@ -42,7 +42,12 @@ constexpr std::string_view kEvaluatePrefix = "autograd::engine::evaluate_functio
 // Forward records kept per thread before the oldest half is dropped (one per autograd node).
 constexpr size_t kMaxForwardRecords = size_t{1} << 20;
 
-thread_local std::vector<std::string> t_modules;
+// The open ModuleScopes of this thread, with the sequence number (autograd nodes made so far) at entry.
+struct OpenModule {
+  std::string name;
+  std::uint64_t seq_begin;
+};
+thread_local std::vector<OpenModule> t_modules;
 
 // What made an autograd node: the module its forward ran under and the op whose policy decided its
 // precision (or the op the user called, when no policy applied).
@@ -175,6 +180,7 @@ class DiagnosticSession : public std::enable_shared_from_this<DiagnosticSession>
     std::lock_guard<std::mutex> lock(mutex_);
     first_.reset();
     first_input_.reset();
+    nonfinite_storages_.clear();
     checked_ = 0;
     found_.store(false, std::memory_order_relaxed);
   }
@@ -189,9 +195,16 @@ class DiagnosticSession : public std::enable_shared_from_this<DiagnosticSession>
   OpInfo& op_info(const c10::OperatorName& name, const std::string& full);
   ForwardInfoPtr find_forward(std::uint64_t thread, std::int64_t seq);
   void remember_forward(const Frame& f);
+
+ public:
+  void remember_range(std::uint64_t begin, std::uint64_t end, const std::string& module);
+
+ private:
   void record_row(const Frame& f, const std::vector<c10::IValue>& outputs);
   void check_outputs(Frame& f, const std::vector<c10::IValue>& outputs);
   OverflowEvent describe(const Frame& f, const std::vector<c10::IValue>& outputs, bool inputs_finite);
+  bool known_nonfinite(const at::Tensor& t);
+  void remember_nonfinite(const at::Tensor& t);  // with mutex_ held
 
   const int mode_;
   int slot_ = -1;
@@ -212,6 +225,8 @@ class DiagnosticSession : public std::enable_shared_from_this<DiagnosticSession>
   std::optional<OverflowEvent> first_;
   std::optional<OverflowEvent> first_input_;
   at::Tensor loss_scale_;
+  // Storages whose non-finite values an op put there on purpose (a -inf mask), or computed from such.
+  std::unordered_map<const c10::StorageImpl*, c10::weak_intrusive_ptr<c10::StorageImpl>> nonfinite_storages_;
 };
 
 // One observed call: an op, or an autograd node of a backward pass.
@@ -237,8 +252,12 @@ class Frame : public at::ObserverContext {
   std::int64_t cached_casts = 0;
   std::int64_t cast_bytes = 0;
   std::vector<std::pair<const c10::TensorImpl*, c10::ScalarType>> cast_to;
-  std::vector<std::int8_t> written_finite;  // per argument: -1 not written, else finite before the call
-  std::vector<at::Tensor> written_before;   // per argument: a copy of what the op reads and writes
+  // In-place ops (locator): per argument, whether it was finite before the call (-1: not measured), for
+  // the arguments the op writes and those that share memory with them; a copy of what it writes.
+  std::vector<std::int8_t> finite_before;
+  std::vector<at::Tensor> written_before;  // per argument: the copy, for those judged before the call
+  std::size_t modules_depth = 0;  // nodes: t_modules' depth when the node started
+  int exceptions = 0;             // std::uncaught_exceptions() at the start
 
   // The dtypes the op computed in: each tensor argument's, or what ampkit cast it to.
   std::vector<c10::ScalarType> computed_dtypes() const {
@@ -378,9 +397,14 @@ Recomputed recompute_fp32(const Frame& f) {
   QuietGuard quiet;
   torch::jit::Stack stack;
   stack.reserve(f.inputs.size());
-  auto up = [](const at::Tensor& t) { return t.defined() && low_precision(t.scalar_type()) ? t.to(at::kFloat) : t; };
+  // Every tensor argument is a copy (in float32 where it was fp16/bf16): some ops write arguments their
+  // schema does not mark (batch_norm's running statistics), and none may touch the caller's tensors.
+  auto up = [](const at::Tensor& t) {
+    if (!t.defined()) return t;
+    return t.to(low_precision(t.scalar_type()) ? at::kFloat : t.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  };
   // What the op writes it writes into float32 copies: of what it read (in-place ops), or of any
-  // memory (copy_, out=), never into the caller's tensors.
+  // memory (copy_, out=).
   std::vector<at::Tensor> written;
   for (size_t i = 0; i < f.inputs.size(); ++i) {
     const c10::IValue& v = f.inputs[i];
@@ -397,10 +421,17 @@ Recomputed recompute_fp32(const Frame& f) {
                                   /*non_blocking=*/false, /*copy=*/true));
       stack.emplace_back(written.back());
     } else if (v.isTensor()) {
-      stack.emplace_back(up(v.toTensor()));
+      const bool before = i < f.written_before.size() && f.written_before[i].defined();
+      stack.emplace_back(up(before ? f.written_before[i] : v.toTensor()));
     } else if (v.isTensorList()) {
       c10::List<at::Tensor> list;
       for (const at::Tensor& t : v.toTensorList()) list.push_back(up(t));
+      stack.emplace_back(std::move(list));
+    } else if (v.isList() && !v.isIntList() && !v.isDoubleList() && !v.isBoolList()) {
+      c10::List<std::optional<at::Tensor>> list;  // Tensor?[]
+      for (const c10::IValue& e : v.toListRef()) {
+        list.push_back(e.isTensor() ? std::optional<at::Tensor>(up(e.toTensor())) : std::nullopt);
+      }
       stack.emplace_back(std::move(list));
     } else if (info.dtype_argument[i] && v.isInt() && low_precision(static_cast<c10::ScalarType>(v.toInt()))) {
       stack.emplace_back(static_cast<std::int64_t>(at::kFloat));
@@ -408,15 +439,23 @@ Recomputed recompute_fp32(const Frame& f) {
       stack.push_back(v);
     }
   }
-  const auto device = first_device(f.inputs).value_or(c10::Device(c10::kCPU));
-  std::optional<at::Generator> gen;
-  at::Tensor rng_state;
+  // The random generators it may draw from (its device's default one and those it is given) are
+  // restored afterwards.
+  std::vector<std::pair<at::Generator, at::Tensor>> generators;
+  auto save = [&](at::Generator gen) {
+    try {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      at::Tensor state = gen.get_state();
+      generators.emplace_back(std::move(gen), std::move(state));
+    } catch (const c10::Error&) {
+    }
+  };
   try {
-    gen = at::globalContext().defaultGenerator(device);
-    std::lock_guard<std::mutex> lock(gen->mutex());
-    rng_state = gen->get_state();
+    save(at::globalContext().defaultGenerator(first_device(f.inputs).value_or(c10::Device(c10::kCPU))));
   } catch (const c10::Error&) {
-    gen.reset();
+  }
+  for (const auto& v : f.inputs) {
+    if (v.isGenerator()) save(v.toGenerator());
   }
   Recomputed out;
   try {
@@ -435,9 +474,9 @@ Recomputed recompute_fp32(const Frame& f) {
   } catch (const std::exception&) {
     out = Recomputed{};
   }
-  if (gen) {
-    std::lock_guard<std::mutex> lock(gen->mutex());
-    gen->set_state(rng_state);
+  for (auto& [gen, state] : generators) {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state);
   }
   return out;
 }
@@ -539,6 +578,7 @@ std::unique_ptr<at::ObserverContext> DiagnosticSession::on_start(const at::Recor
       }
     }
     f->module = f->forward ? f->forward->module : std::string();
+    f->modules_depth = t_modules.size();
   } else {
     const auto op_name = fn.operator_name();
     if (!op_name) return nullptr;  // a range of torch's own, not an op
@@ -548,9 +588,12 @@ std::unique_ptr<at::ObserverContext> DiagnosticSession::on_start(const at::Recor
     f->backward = f->parent && f->parent->backward;
     f->nested = f->parent && !f->parent->node;
     if (f->backward) {
-      f->module = f->parent->module;
+      // In backward an op belongs to its node's forward module, unless a module runs inside the
+      // backward (the recomputation of reentrant checkpointing): then to that module.
+      const Frame* node = f->node_frame();
+      f->module = node && t_modules.size() > node->modules_depth ? t_modules.back().name : f->parent->module;
     } else if (!t_modules.empty()) {
-      f->module = t_modules.back();
+      f->module = t_modules.back().name;
     }
     const auto args = fn.inputs();
     // A boxed call passes the whole stack: the op's arguments are its last ones.
@@ -558,6 +601,7 @@ std::unique_ptr<at::ObserverContext> DiagnosticSession::on_start(const at::Recor
     f->inputs.assign(args.end() - static_cast<std::ptrdiff_t>(n), args.end());
     f->keys = c10::impl::tls_local_dispatch_key_set();
     f->seq_begin = at::sequence_number::peek();
+    f->exceptions = std::uncaught_exceptions();
     f->device = region_device(f->inputs, f->keys);
     if (f->device >= 0) {
       const OpEntry* entry = f->info->entry.load(std::memory_order_acquire);
@@ -571,18 +615,28 @@ std::unique_ptr<at::ObserverContext> DiagnosticSession::on_start(const at::Recor
       }
     }
     f->in_region = f->backward || (f->parent && f->parent->in_region) || f->device >= 0;
-    if ((mode_ & kLocate) && f->info->mutates && !f->info->overwrites && !found_.load(std::memory_order_relaxed) &&
+    if ((mode_ & kLocate) && f->info->mutates && !found_.load(std::memory_order_relaxed) &&
         f->inputs.size() == f->info->num_args) {
       QuietGuard quiet;
-      f->written_finite.assign(f->inputs.size(), -1);
+      f->finite_before.assign(f->inputs.size(), -1);
       f->written_before.resize(f->inputs.size());
+      std::vector<at::Tensor> written;
       for (size_t i = 0; i < f->inputs.size(); ++i) {
-        if (!f->info->written[i]) continue;
+        if (f->info->written[i]) for_each_tensor(f->inputs[i], [&](const at::Tensor& t) { written.push_back(t); });
+      }
+      for (size_t i = 0; i < f->inputs.size(); ++i) {
+        // What it writes (unless it only overwrites it: copy_, out=), and what it reads from the same
+        // memory (y.add_(y), mul(y[0], y[1], out=y[0])), is judged as it was before the call.
+        bool measure = f->info->written[i] && !f->info->overwrites;
+        for_each_tensor(f->inputs[i], [&](const at::Tensor& t) {
+          for (const auto& w : written) measure = measure || (t.defined() && t.is_alias_of(w));
+        });
+        if (!measure) continue;
         bool finite = true;
         for_each_tensor(f->inputs[i], [&](const at::Tensor& t) {
           if (readable_floating(t)) finite = finite && all_finite(t);
         });
-        f->written_finite[i] = finite;
+        f->finite_before[i] = finite;
         // An in-place op that overflows is recomputed in float32 from what it read.
         if (f->inputs[i].isTensor() && readable_floating(f->inputs[i].toTensor())) {
           f->written_before[i] = f->inputs[i].toTensor().clone();
@@ -598,8 +652,9 @@ void DiagnosticSession::on_end(const at::RecordFunction& fn, Frame& f, int slot)
   ThreadSlot& ts = thread_slot(slot, generation_);
   ts.top = f.parent;
   if (f.node) return;
+  if (std::uncaught_exceptions() > f.exceptions) return;  // the op failed: it computed nothing
   const auto& outputs = fn.outputs();
-  if (!f.backward) remember_forward(f);
+  if (!f.backward && (mode_ != kLocate || !found_.load(std::memory_order_relaxed))) remember_forward(f);
   if (mode_ & kReport) record_row(f, outputs);
   if (mode_ & kLocate) check_outputs(f, outputs);
 }
@@ -642,6 +697,15 @@ void DiagnosticSession::remember_forward(const Frame& f) {
     std::advance(middle, records.size() / 2);
     records.erase(records.begin(), middle);
   }
+}
+
+void DiagnosticSession::remember_range(std::uint64_t begin, std::uint64_t end, const std::string& module) {
+  if (end <= begin) return;
+  auto info = std::make_shared<ForwardInfo>();
+  info->module = module;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto& records = forward_[at::RecordFunction::currentThreadId()];
+  for (std::uint64_t s = begin; s < end; ++s) records.emplace(static_cast<std::int64_t>(s), info);
 }
 
 void DiagnosticSession::record_row(const Frame& f, const std::vector<c10::IValue>& outputs) {
@@ -696,39 +760,57 @@ void DiagnosticSession::check_outputs(Frame& f, const std::vector<c10::IValue>& 
   }
   QuietGuard quiet;
   auto written = [&](size_t i) { return f.info->mutates && i < f.info->written.size() && f.info->written[i]; };
-  // An output that is a view of an argument the op does not write holds values already checked.
-  auto aliases_read_only_input = [&](const at::Tensor& out) {
+  auto aliases = [&](const at::Tensor& out, bool want_written) {
     for (size_t i = 0; i < f.inputs.size(); ++i) {
+      if (written(i) != want_written) continue;
       bool alias = false;
       for_each_tensor(f.inputs[i], [&](const at::Tensor& t) { alias = alias || (t.defined() && out.is_alias_of(t)); });
-      if (alias && !written(i)) return true;
+      if (alias) return true;
     }
     return false;
   };
-  bool overflow = false;
+  // An output that views an argument holds values already judged, unless the op wrote into it.
+  std::vector<at::Tensor> bad_outputs;
   for (const auto& v : outputs) {
     for_each_tensor(v, [&](const at::Tensor& t) {
-      if (overflow || !readable_floating(t) || aliases_read_only_input(t)) return;
-      overflow = !all_finite(t);
+      if (!readable_floating(t) || (aliases(t, false) && !aliases(t, true))) return;
+      if (!all_finite(t)) bad_outputs.push_back(t);
     });
   }
-  if (!overflow) return;
-  // What an op overwrites without reading (the memory copy_ fills) is not one of its inputs.
-  bool inputs_finite = true;
+  if (bad_outputs.empty()) return;
+  // Where the non-finite values came from: a non-finite number argument (fill_(-inf), masked_fill of
+  // an attention mask) or a tensor known to hold such values on purpose explains them; any other
+  // non-finite input came from outside what was watched. What an op only overwrites (the memory
+  // copy_ fills) is not an input.
+  bool explained = false;
+  bool unknown_input = false;
   for (size_t i = 0; i < f.inputs.size(); ++i) {
-    if (written(i)) {
-      if (i < f.written_finite.size() && f.written_finite[i] >= 0) {
-        inputs_finite = inputs_finite && f.written_finite[i] == 1;
+    const c10::IValue& v = f.inputs[i];
+    if (v.isDouble() && !std::isfinite(v.toDouble())) explained = true;
+    if (v.isComplexDouble() && !std::isfinite(std::abs(v.toComplexDouble()))) explained = true;
+    if (i < f.finite_before.size() && f.finite_before[i] >= 0) {
+      if (f.finite_before[i] == 0) {
+        bool known = false;
+        for_each_tensor(v, [&](const at::Tensor& t) { known = known || known_nonfinite(t); });
+        (known ? explained : unknown_input) = true;
       }
       continue;
     }
-    for_each_tensor(f.inputs[i], [&](const at::Tensor& t) {
-      if (inputs_finite && readable_floating(t)) inputs_finite = all_finite(t);
+    if (written(i)) continue;
+    for_each_tensor(v, [&](const at::Tensor& t) {
+      if (!readable_floating(t) || all_finite(t)) return;
+      (known_nonfinite(t) ? explained : unknown_input) = true;
     });
   }
-  {
+  const bool inputs_finite = !explained && !unknown_input;
+  if (!inputs_finite) {
+    // Deliberate infinities and what is computed from them are not news: remember where they are.
     std::lock_guard<std::mutex> lock(mutex_);
-    if (inputs_finite ? first_.has_value() : first_input_.has_value()) return;
+    for (const auto& t : bad_outputs) remember_nonfinite(t);
+    if (!unknown_input || first_input_) return;
+  } else {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (first_) return;
   }
   // A cast that overflowed is named by the conversion the caller made (to.dtype), not by the
   // copy_ inside it.
@@ -744,6 +826,25 @@ void DiagnosticSession::check_outputs(Frame& f, const std::vector<c10::IValue>& 
   } else if (!first_input_) {
     first_input_ = std::move(event);
   }
+}
+
+bool DiagnosticSession::known_nonfinite(const at::Tensor& t) {
+  if (!t.has_storage()) return false;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = nonfinite_storages_.find(t.storage().unsafeGetStorageImpl());
+  return it != nonfinite_storages_.end() && !it->second.expired();
+}
+
+void DiagnosticSession::remember_nonfinite(const at::Tensor& t) {
+  if (!t.has_storage()) return;
+  if (nonfinite_storages_.size() > 4096) {  // forget the storages that were freed
+    for (auto it = nonfinite_storages_.begin(); it != nonfinite_storages_.end();) {
+      it = it->second.expired() ? nonfinite_storages_.erase(it) : std::next(it);
+    }
+  }
+  c10::StorageImpl* impl = t.storage().unsafeGetStorageImpl();
+  nonfinite_storages_.insert_or_assign(
+      impl, c10::weak_intrusive_ptr<c10::StorageImpl>(c10::intrusive_ptr<c10::StorageImpl>::reclaim_copy(impl)));
 }
 
 OverflowEvent DiagnosticSession::describe(const Frame& f, const std::vector<c10::IValue>& outputs, bool inputs_finite) {
@@ -773,13 +874,15 @@ OverflowEvent DiagnosticSession::describe(const Frame& f, const std::vector<c10:
     ev.op_index = checked_ - 1;
     scale = loss_scale_;
   }
-  if (scale.defined()) ev.loss_scale = scale.item<double>();
+  if (scale.defined()) ev.loss_scale = scale.item<double>();  // checked when set: one floating element
   const std::string out_name = ev.out_dtype ? dtype_short(*ev.out_dtype) : std::string("?");
 
   if (!inputs_finite) {
     ev.cause = "input";
-    ev.explanation = c10::str(ev.op, " received a non-finite input that no watched op produced: it came from data, ",
-                              "parameters or state that were already non-finite when the locator started");
+    ev.explanation =
+        c10::str(ev.op, " received a non-finite input that no watched op produced: it came from data, ",
+                 "parameters or state that were already non-finite when the locator started (or a deliberate ",
+                 "-inf, such as an attention mask made before it)");
     return ev;
   }
 
@@ -812,7 +915,10 @@ OverflowEvent DiagnosticSession::describe(const Frame& f, const std::vector<c10:
           c10::str("the gradient does not fit in ", out_name, " (largest value ", format_number(again.absmax),
                    ev.loss_scale ? c10::str(" with the loss scale ", format_number(*ev.loss_scale)) : "",
                    "); computed in float32 it is finite",
-                   ev.suggestion ? c10::str(": run its forward op ", ev.suggestion->op, " in float32") : "");
+                   ev.suggestion ? c10::str(": run its forward op ", ev.suggestion->op, " in float32") : "",
+                   ev.loss_scale ? ""
+                                 : ". No loss scale was seen: if the loss was scaled by hand, tell the locator "
+                                   "with set_loss_scale()");
       return ev;
     }
     ev.cause = "range";
@@ -884,6 +990,7 @@ void note_cast_slow(const at::Tensor& from, const at::Tensor& to, bool cached) {
 }
 
 void note_loss_scale_slow(const at::Tensor& scale) {
+  if (!scale.defined() || scale.numel() != 1 || !scale.is_floating_point()) return;
   std::array<std::shared_ptr<DiagnosticSession>, kMaxSessions> live;
   {
     std::lock_guard<std::mutex> lock(slots_mutex);
@@ -899,14 +1006,33 @@ void note_loss_scale_slow(const at::Tensor& scale) {
 using detail::DiagnosticSession;
 
 namespace detail {
-void push_module_scope(std::string name) { t_modules.push_back(std::move(name)); }
-void pop_module_scope() {
-  if (!t_modules.empty()) t_modules.pop_back();
+void push_module_scope(std::string name) {
+  t_modules.push_back(OpenModule{std::move(name), at::sequence_number::peek()});
+}
+
+bool pop_module_scope(const std::string* expected) {
+  if (t_modules.empty() || (expected && t_modules.back().name != *expected)) return false;
+  OpenModule top = std::move(t_modules.back());
+  t_modules.pop_back();
+  // The autograd nodes made in the scope that no op claimed (a custom autograd Function's) are the
+  // scope's; the ops' own records, made first, are more specific and stay.
+  if (live_diagnostic_sessions.load(std::memory_order_relaxed) > 0) {
+    const std::uint64_t end = at::sequence_number::peek();
+    std::array<std::shared_ptr<DiagnosticSession>, kMaxSessions> live;
+    {
+      std::lock_guard<std::mutex> lock(slots_mutex);
+      live = slots;
+    }
+    for (const auto& session : live) {
+      if (session) session->remember_range(top.seq_begin, end, top.name);
+    }
+  }
+  return true;
 }
 }  // namespace detail
 
 ModuleScope::ModuleScope(std::string name) { detail::push_module_scope(std::move(name)); }
-ModuleScope::~ModuleScope() { detail::pop_module_scope(); }
+ModuleScope::~ModuleScope() { detail::pop_module_scope(nullptr); }
 
 PrecisionReport::PrecisionReport() : session_(std::make_shared<DiagnosticSession>(DiagnosticSession::kReport)) {
   session_->begin();
@@ -969,7 +1095,13 @@ std::optional<OverflowEvent> OverflowLocator::first_nonfinite_input() const {
   return session_->first_nonfinite_input();
 }
 void OverflowLocator::reset() { session_->reset(); }
-void OverflowLocator::set_loss_scale(const at::Tensor& scale) { session_->set_loss_scale(scale); }
+void OverflowLocator::set_loss_scale(const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(scale.defined() && scale.numel() == 1 && scale.is_floating_point(),
+                    "OverflowLocator::set_loss_scale: expected scale to be a one-element floating-point tensor, got ",
+                    scale.defined() ? c10::str(scale.scalar_type(), " tensor of ", scale.numel(), " elements")
+                                    : std::string("an undefined tensor"));
+  session_->set_loss_scale(scale);
+}
 void OverflowLocator::stop() { session_->stop(/*from_destructor=*/false); }
 
 std::string OverflowEvent::to_string() const {

@@ -30,6 +30,7 @@ inline void note_loss_scale(const at::Tensor& scale) {
 
 // ModuleScope's two halves, for the Python bindings (module hooks push and pop).
 void push_module_scope(std::string name);
-void pop_module_scope();
+// Ends the innermost scope, if it is \p expected (any when null); returns whether it did.
+bool pop_module_scope(const std::string* expected);
 
 }  // namespace ampkit::detail

@@ -25,18 +25,21 @@ def main() -> None:
     trainer = ampkit.Trainer(model, optimizer, device_type=device.type, dtype=torch.float16,
                              accumulation_steps=2, max_grad_norm=1.0)
 
-    first = None
+    first = loss = float("nan")
     for step in range(args.steps):
         x = torch.randn(64, 32, device=device)
         with torch.no_grad():
             y = teacher(x)
         stats = trainer.step(lambda: torch.nn.functional.mse_loss(model(x).float(), y))
         if step % 50 == 0 or step == args.steps - 1:
-            # float() syncs; do it only when printing.
-            loss = float(stats.loss)
-            first = loss if first is None else first
-            print(f"step {step:4d}  loss {loss:.5f}  scale {float(stats.scale):g}  skipped {bool(stats.skipped)}")
-    print(f"final loss {loss:.5f} (first {first:.5f}); skipped steps: {trainer.scaler.steps_skipped()}")
+            # item() reads the stats to the host (a sync); do it only when printing.
+            values = stats.item()
+            loss = values["loss"]
+            first = loss if step == 0 else first
+            print(f"step {step:4d}  loss {loss:.5f}  scale {values['scale']:g}  skipped {values['skipped']}")
+    scaler = trainer.scaler
+    skipped = scaler.steps_skipped() if isinstance(scaler, ampkit.GradScaler) else 0
+    print(f"final loss {loss:.5f} (first {first:.5f}); skipped steps: {skipped}")
     if not loss < first:
         raise SystemExit("the loss did not decrease")
 

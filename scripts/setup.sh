@@ -30,6 +30,8 @@ torch_pin="$(mktemp)"
 "$PYTHON" -c "import torch; print('torch==' + torch.__version__)" >"$torch_pin"
 "$PYTHON" -m pip install -q -r requirements-dev.txt -c "$torch_pin"
 rm -f "$torch_pin"
+# pyproject.toml's build-system.requires: --no-build-isolation makes pip use what is installed.
+"$PYTHON" -m pip install -q "setuptools>=77"
 
 echo "[ampkit] building (build/: library, ampkit._C, Catch2 tests, examples)"
 export AMPKIT_BUILD_TESTS=1

@@ -91,7 +91,9 @@ void bind_diagnostics(py::module_& m) {
 
   m.def("_push_module_scope", &detail::push_module_scope, py::arg("name"),
         "Ops this thread runs are attributed to name until the matching _pop_module_scope().");
-  m.def("_pop_module_scope", &detail::pop_module_scope, "Ends the innermost _push_module_scope().");
+  m.def(
+      "_pop_module_scope", [](const std::string& name) { return detail::pop_module_scope(&name); }, py::arg("name"),
+      "Ends the innermost _push_module_scope() if it is name; returns whether it did.");
   m.def(
       "_diagnostics_live", [] { return detail::live_diagnostic_sessions.load(std::memory_order_relaxed) > 0; },
       "Whether a precision report or overflow locator is alive.");

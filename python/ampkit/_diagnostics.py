@@ -43,7 +43,7 @@ class module_scope:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _C._pop_module_scope()
+        _C._pop_module_scope(self.name)
 
 
 class _ModuleHooks:
@@ -62,7 +62,7 @@ class _ModuleHooks:
             for name, module in self._model.named_modules():
                 path = name or type(self._model).__name__
                 self._handles.append(module.register_forward_pre_hook(self._push(path)))
-                self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+                self._handles.append(module.register_forward_hook(self._pop(path), always_call=True))
         except BaseException:
             self.detach()
             raise
@@ -80,8 +80,13 @@ class _ModuleHooks:
         return hook
 
     @staticmethod
-    def _pop(module: torch.nn.Module, args: Any, output: Any) -> None:
-        _C._pop_module_scope()
+    def _pop(path: str):
+        # always_call: also when forward raised; a no-op when the push did not happen (an earlier
+        # pre-hook raised), so that the enclosing module's scope stays.
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            _C._pop_module_scope(path)
+
+        return hook
 
 
 class PrecisionReport:
@@ -237,6 +242,39 @@ class OverflowEvent:
         return f"OverflowEvent(op={self.op!r}, phase={self.phase!r}, module={self.module!r}, cause={self.cause!r})"
 
 
+class _ScaleWatch:
+    """While an overflow locator is open, ``torch.amp.GradScaler.scale`` (ampkit.GradScaler's too: it
+    inherits it) tells the locators the scale that the gradients of the coming backward pass carry.
+    The C++ GradScaler does so by itself. Counted, so that nested locators restore it once."""
+
+    _count = 0
+    _original: Any = None
+
+    @classmethod
+    def acquire(cls) -> None:
+        if cls._count == 0:
+            original = torch.amp.GradScaler.scale
+
+            def scale(self: torch.amp.GradScaler, outputs: Any) -> Any:
+                scaled = original(self, outputs)
+                current = getattr(self, "_scale", None)  # absent or None while disabled
+                if current is not None:
+                    _C._note_loss_scale(current)
+                return scaled
+
+            scale.__wrapped__ = original  # type: ignore[attr-defined]
+            cls._original = original
+            torch.amp.GradScaler.scale = scale  # type: ignore[method-assign]
+        cls._count += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls._count -= 1
+        if cls._count == 0:
+            torch.amp.GradScaler.scale = cls._original  # type: ignore[method-assign]
+            cls._original = None
+
+
 class OverflowLocator:
     """Watches every op's outputs while open: see :func:`overflow_locator`."""
 
@@ -247,7 +285,7 @@ class OverflowLocator:
         self._hooks = _ModuleHooks(_check_model(model))
         self._scaler = scaler
         self._impl: Optional[Any] = None
-        self._patched = False
+        self._watching = False
 
     def __enter__(self) -> "OverflowLocator":
         if self._impl is not None:
@@ -256,9 +294,17 @@ class OverflowLocator:
         self._impl = _C._OverflowLocator()
         try:
             self._hooks.attach()
-            self._watch_scaler()
+            _ScaleWatch.acquire()
+            self._watching = True
+            # A scale() made before the block (the loss scaled, backward still to come) counts too.
+            current = getattr(self._scaler, "_scale", None)
+            if current is not None:
+                self._impl.set_loss_scale(current)
         except BaseException:
             self._hooks.detach()
+            if self._watching:
+                _ScaleWatch.release()
+                self._watching = False
             self._impl.stop()
             raise
         return self
@@ -266,33 +312,12 @@ class OverflowLocator:
     def __exit__(self, *exc: Any) -> None:
         try:
             self._hooks.detach()
-            if self._patched:
-                del self._scaler.scale  # the class's method again
-                self._patched = False
+            if self._watching:
+                _ScaleWatch.release()
+                self._watching = False
         finally:
             assert self._impl is not None
             self._impl.stop()
-
-    def _watch_scaler(self) -> None:
-        # torch's GradScaler does not tell ampkit its scale (ampkit's does, on every scale() call):
-        # its scale() is wrapped for the block, as an instance attribute removed on exit.
-        scaler, impl = self._scaler, self._impl
-        if scaler is None:
-            return
-        if getattr(scaler, "_scale", None) is not None:
-            impl.set_loss_scale(scaler._scale)
-        if "scale" in vars(scaler):
-            return  # already wrapped (an enclosing locator) or replaced by the user
-        method = scaler.scale
-
-        def scale(outputs: Any) -> Any:
-            scaled = method(outputs)
-            if getattr(scaler, "_scale", None) is not None:
-                impl.set_loss_scale(scaler._scale)
-            return scaled
-
-        scaler.scale = scale  # type: ignore[method-assign]
-        self._patched = True
 
     def _started(self) -> Any:
         if self._impl is None:
@@ -317,6 +342,14 @@ class OverflowLocator:
         """Forgets what was found and watches again."""
         self._started().reset()
 
+    def set_loss_scale(self, scale: torch.Tensor) -> None:
+        """The scale a loss was multiplied by by hand (GradScalers say it themselves): a backward
+        overflow that is finite once divided by it is put down to it. A one-element floating tensor,
+        read when an overflow is found."""
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(f"ampkit: expected scale to be a torch.Tensor, got {type(scale).__name__}")
+        self._started().set_loss_scale(scale)
+
 
 def precision_report(model: Optional[torch.nn.Module] = None) -> PrecisionReport:
     """A context manager that records, for every op run on a device type with an open
@@ -332,7 +365,8 @@ def overflow_locator(model: Optional[torch.nn.Module] = None,
     """A context manager that watches every op's outputs (forward and backward, scaled losses
     included) and keeps the first op that produced inf/NaN from finite inputs in ``loc.first``,
     with the module it ran under (given ``model``), why, and the cast-policy edit that avoids it.
-    ``scaler`` (torch's or ampkit's GradScaler; ampkit's is seen without it) lets it tell overflows
-    that exist only because of the loss scale. It reads every output (syncs on CUDA) and changes
+    Overflows that exist only because of the loss scale are told apart: every GradScaler's
+    ``scale()`` (torch's and ampkit's, C++ included) tells the locator its scale while it is open;
+    ``scaler`` is needed only when the loss was scaled before the block was entered. It reads every output (syncs on CUDA) and changes
     no result."""
     return OverflowLocator(model, scaler)

@@ -159,14 +159,6 @@ class GradScaler(torch.amp.GradScaler):
         self._last_step_skipped: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------- torch's hooks, ampkit's numerics
-    def scale(self, outputs: Any) -> Any:
-        scaled = super().scale(outputs)
-        # A live overflow locator tells overflows that exist only because of the scale.
-        scale = getattr(self, "_scale", None)  # absent when disabled
-        if scale is not None and _C._diagnostics_live():
-            _C._note_loss_scale(scale)
-        return scaled
-
     def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
         super()._lazy_init_scale_growth_tracker(dev)
         self._overflow_streak = torch.full((), self._init_overflow_streak, dtype=torch.int32, device=dev)

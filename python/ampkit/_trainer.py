@@ -11,7 +11,7 @@ import copy
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, TypedDict, Union
 
 import torch
 
@@ -19,14 +19,27 @@ from . import _C
 from ._autocast import autocast
 from ._grad_scaler import GradScaler
 
-__all__ = ["Trainer", "StepStats"]
+__all__ = ["Trainer", "StepStats", "StepValues"]
 
 _DEFAULT = object()
+
+
+class StepValues(TypedDict):
+    """``StepStats.item()``: the stats read to the host."""
+
+    loss: float
+    scale: Optional[float]
+    skipped: bool
+    grad_norm: Optional[float]
+    stepped: bool
 
 
 class StepStats:
     """What one ``Trainer.step`` did. Every field is a device tensor (reading it does not sync;
     ``float(stats.loss)`` does).
+
+    ``repr`` shows each tensor's dtype, shape and device, not its value, so that printing the stats
+    does not wait for the device; ``item()`` reads the values with one synchronization.
 
     Attributes:
         loss: the closure's loss (before division by accumulation_steps), detached, 0-dim.
@@ -40,7 +53,14 @@ class StepStats:
 
     __slots__ = ("loss", "scale", "skipped", "grad_norm", "stepped")
 
-    def __init__(self, loss, scale, skipped, grad_norm, stepped):
+    loss: torch.Tensor
+    scale: Optional[torch.Tensor]
+    skipped: torch.Tensor
+    grad_norm: Optional[torch.Tensor]
+    stepped: bool
+
+    def __init__(self, loss: torch.Tensor, scale: Optional[torch.Tensor], skipped: torch.Tensor,
+                 grad_norm: Optional[torch.Tensor], stepped: bool) -> None:
         self.loss = loss
         self.scale = scale
         self.skipped = skipped
@@ -48,8 +68,25 @@ class StepStats:
         self.stepped = stepped
 
     def __repr__(self) -> str:
-        return (f"StepStats(loss={self.loss}, scale={self.scale}, skipped={self.skipped}, "
-                f"grad_norm={self.grad_norm}, stepped={self.stepped})")
+        # Only metadata: formatting a tensor's value would wait for the device (a host sync per
+        # field, e.g. when a training loop logs the stats).
+        return (f"StepStats(loss={_describe(self.loss)}, scale={_describe(self.scale)}, "
+                f"skipped={_describe(self.skipped)}, grad_norm={_describe(self.grad_norm)}, stepped={self.stepped})")
+
+    def item(self) -> StepValues:
+        """The fields as Python numbers, read to the host with one synchronization (``scale`` and
+        ``grad_norm`` are None where the tensors are)."""
+        names = [n for n in ("loss", "scale", "skipped", "grad_norm") if getattr(self, n) is not None]
+        tensors = [getattr(self, n).detach().reshape(()).to(self.loss.device, torch.float64) for n in names]
+        read = dict(zip(names, torch.stack(tensors).tolist()))
+        return StepValues(loss=read["loss"], scale=read.get("scale"), skipped=bool(read["skipped"]),
+                          grad_norm=read.get("grad_norm"), stepped=self.stepped)
+
+
+def _describe(value: Optional[torch.Tensor]) -> str:
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    return f"<tensor {str(value.dtype).replace('torch.', '')}{list(value.shape)} on {value.device}>"
 
 
 class Trainer:
@@ -128,13 +165,13 @@ class Trainer:
                     f"Trainer: expected float32 parameters with a GradScaler and an optimizer that does not handle "
                     f"the scale itself, got float16 parameters (indices {half[:5]}); keep fp32 master weights "
                     "(autocast casts them) or use a fused optimizer such as ampkit.optim's")
-        self.model = model
-        self.optimizer = optimizer
-        self.scaler = scaler
-        self.accumulation_steps = int(accumulation_steps)
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.set_to_none = set_to_none
-        self.micro_steps = 0
+        self.model: Optional[torch.nn.Module] = model
+        self.optimizer: torch.optim.Optimizer = optimizer
+        self.scaler: Optional[torch.amp.GradScaler] = scaler
+        self.accumulation_steps: int = int(accumulation_steps)
+        self.max_grad_norm: Optional[float] = None if max_grad_norm is None else float(max_grad_norm)
+        self.set_to_none: bool = set_to_none
+        self.micro_steps: int = 0
 
     @property
     def optimizer_steps(self) -> int:

@@ -208,6 +208,11 @@ TEST_CASE("OverflowLocator: nothing in a finite run; reset; non-finite state it 
   CHECK(entry->cause == "input");
   locator.reset();
   CHECK_FALSE(locator.first_nonfinite_input().has_value());
+  CHECK(ampkit_test::error_of([&] { locator.set_loss_scale(torch::ones({2})); }) ==
+        "OverflowLocator::set_loss_scale: expected scale to be a one-element floating-point tensor, got Float tensor "
+        "of 2 elements");
+  CHECK(ampkit_test::error_of([&] { locator.set_loss_scale(at::Tensor()); }).find("got an undefined tensor") !=
+        std::string::npos);
 }
 
 TEST_CASE("Diagnostics: stop() on another thread is refused; at most eight at once", "[diagnostics]") {

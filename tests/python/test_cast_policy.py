@@ -196,3 +196,24 @@ def test_policy_device_types_are_the_tables():
         assert ampkit.list_policies(device) == ampkit.default_policies(device)
     with pytest.raises(ValueError, match="expected device_type 'cpu' or 'cuda'"):
         ampkit.list_policies("xpu")
+
+
+def test_default_cpu_table_follows_the_running_torch():
+    # A torch that autocasts an op the compiled list lacks: simulated by registering an AutocastCPU
+    # kernel for aten::relu before ampkit builds its tables (in a fresh process). The warning comes
+    # from C++ (stderr) or as a Python warning, depending on which call builds the tables first.
+    code = (
+        "import warnings, torch\n"
+        "lib = torch.library.Library('aten', 'IMPL')\n"
+        "lib.impl('relu', lambda x: torch.ops.aten.relu.default(x), 'AutocastCPU')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import ampkit\n"
+        "    table = ampkit.default_policies('cpu')\n"
+        "assert 'aten::relu' not in table and 'aten::mm' in table, sorted(table)\n"
+        "print(' '.join(str(x.message) for x in w))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout + run.stderr
+    assert "autocasts these operators on cpu" in out and "aten::relu" in out, out

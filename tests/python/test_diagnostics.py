@@ -3,6 +3,7 @@ ampkit::OverflowLocator; tests/cpp/test_diagnostics.cpp has the same cases in C+
 
 The oracles: torch.autocast (what each op runs in), torch.amp.GradScaler (which steps a loss scale
 makes overflow), and the same computation without the tools (they must not change any result)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -226,8 +227,8 @@ def test_locator_puts_a_backward_overflow_down_to_the_loss_scale(scaler_kind):
         model = Head()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = (ampkit.GradScaler if scaler_kind == "ampkit" else torch.amp.GradScaler)("cpu", init_scale=scale)
-        # torch's scaler is passed to the locator; ampkit's tells it its scale by itself
-        with ampkit.overflow_locator(model, scaler=scaler if scaler_kind == "torch" else None) as loc:
+        # both scalers tell an open locator their scale (scaler= only matters for a scale() made before)
+        with ampkit.overflow_locator(model) as loc:
             with ampkit.autocast("cpu", dtype=torch.float16):
                 loss = model(x).float().sum()
             scaler.scale(loss).backward()
@@ -242,7 +243,8 @@ def test_locator_puts_a_backward_overflow_down_to_the_loss_scale(scaler_kind):
         assert first.cause == "loss_scale" and first.loss_scale == scale and first.suggestion is None
         assert first.policy_op == "aten::linear" and "loss scale" in first.explanation
     assert skipped == {1.0: False, 2.0**14: True}  # the scaler agrees: only the scaled step overflowed
-    assert "scale" not in vars(scaler)  # torch's scaler got its own scale() back
+    assert ampkit.GradScaler.scale is torch.amp.GradScaler.scale  # torch's scale() is back, unwrapped
+    assert not hasattr(torch.amp.GradScaler.scale, "__wrapped__")
 
 
 def test_locator_suggests_the_forward_op_for_a_gradient_too_large_for_fp16():
@@ -387,3 +389,109 @@ def test_the_nan_hunt_example_finds_and_fixes_the_overflow():
     assert done.returncode == 0, done.stderr
     assert "first non-finite output: aten::bmm (forward) in module 'attn'" in done.stdout
     assert 'fix: ampkit.set_policy("aten::matmul", "cpu", "fp32")' in done.stdout
+
+
+def test_locator_ignores_deliberate_infinities_and_still_finds_the_overflow_after_them():
+    model, x = overflow_model()
+    with ampkit.overflow_locator(model) as loc:
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(4)  # -inf above the diagonal
+        scores = torch.randn(4, 4).masked_fill(torch.ones(4, 4).triu(1).bool(), float("-inf")) + mask
+        torch.softmax(scores, -1)
+    assert loc.first is None and loc.first_nonfinite_input is None
+    with ampkit.overflow_locator(model) as loc:
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(4)
+        torch.softmax(torch.randn(4, 4) + mask, -1)
+        with ampkit.autocast("cpu", dtype=torch.float16):
+            model(x)
+    assert loc.first.op == "aten::mm" and loc.first.cause == "precision" and loc.first_nonfinite_input is None
+
+
+@pytest.mark.parametrize("how", ["self", "views", "out"])
+def test_locator_sees_in_place_overflows_through_aliases(how):
+    y = torch.full((2, 4), 40000.0, dtype=torch.float16)
+    with ampkit.overflow_locator() as loc:
+        if how == "self":
+            y.add_(y)
+        elif how == "views":
+            y[0].mul_(y[1])
+        else:
+            torch.mul(y[0], y[1], out=y[0])
+    assert torch.isinf(y[0]).all()
+    first = loc.first
+    assert first is not None and first.cause == "precision" and first.input_absmax[0] == 40000.0
+    assert loc.first_nonfinite_input is None
+
+
+def test_locator_recomputation_leaves_module_state_alone():
+    def run(watch):
+        torch.manual_seed(0)
+        bn = torch.nn.BatchNorm1d(2)
+        with torch.no_grad():
+            bn.weight.fill_(1e5)  # the normalized output times 1e5 overflows fp16
+        x = torch.randn(8, 2).half()
+        ctx = ampkit.overflow_locator() if watch else contextlib.nullcontext()
+        with ctx as loc, ampkit.autocast("cpu", dtype=torch.float16):
+            out = bn(x)
+        return out, bn.running_mean.clone(), bn.running_var.clone(), loc
+
+    plain, watched = run(False), run(True)
+    for a, b in zip(plain[:3], watched[:3]):
+        assert torch.equal(a, b)
+    assert watched[3].first is not None
+
+
+def test_backward_of_custom_functions_and_reentrant_checkpoints_is_attributed():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    class Blk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return Square.apply(self.lin(x))
+
+    class Ck(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
+
+    model = torch.nn.Sequential(Blk(), Ck())
+    x = torch.randn(2, 4, requires_grad=True)
+    with ampkit.precision_report(model) as rep:
+        with ampkit.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+    backward = [r for r in rep.rows if r["phase"] == "backward" and not r["nested"]]
+    # Square's backward (mul ops) belongs to module 0; the checkpoint's recomputed linear to 1.inner
+    assert {r["module"] for r in backward if r["op"] == "aten::mul.Tensor"} == {"0"}
+    assert [r["module"] for r in backward if r["op"] == "aten::linear"] == ["1.inner"]
+
+
+def test_failed_calls_and_bad_loss_scales():
+    with ampkit.precision_report() as rep:
+        with ampkit.autocast("cpu", dtype=torch.bfloat16):
+            with pytest.raises(RuntimeError):
+                torch.mm(torch.randn(2, 3), torch.randn(2, 3))
+            torch.mm(torch.randn(2, 3), torch.randn(3, 2))
+    (mm,) = [r for r in rep.rows if r["op"] == "aten::mm"]
+    assert mm["calls"] == 1  # the failed call computed nothing and is not a row
+    with ampkit.overflow_locator() as loc:
+        with pytest.raises(ValueError, match="expected scale to be a one-element floating-point tensor, got "
+                                             "Float tensor of 2 elements"):
+            loc.set_loss_scale(torch.ones(2))
+        with pytest.raises(TypeError, match="expected scale to be a torch.Tensor, got float"):
+            loc.set_loss_scale(2.0)
+        loc.set_loss_scale(torch.tensor(1024.0))

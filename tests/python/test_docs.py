@@ -22,5 +22,5 @@ def test_readme_first_cpp_snippet_is_the_compiled_example():
 
 def test_python_api_page_lists_every_public_name():
     page = read("docs", "api", "python.rst")
-    documented = set(re.findall(r"^\.\. auto(?:class|function|module):: ampkit\.(\w+)", page, re.M))
+    documented = set(re.findall(r"^\.\. auto(?:class|function|module|data):: ampkit\.(\w+)", page, re.M))
     assert set(ampkit.__all__) - documented == set()

@@ -359,3 +359,35 @@ def test_a_failing_optimizer_step_drops_its_window_and_the_next_one_is_clean():
         t.step(lambda: F.mse_loss(m(x).float(), y))
         ref.step(lambda: F.mse_loss(m_ref(x).float(), y))
     assert _same(m, m_ref) and t.micro_steps == 2
+
+
+def test_step_stats_repr_reads_no_tensor_value(monkeypatch):
+    # Oracle: every way of reading a tensor's value raises, so a repr that formats one fails.
+    model = _model()
+    trainer = ampkit.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), device_type="cpu",
+                             dtype=torch.float16, max_grad_norm=1.0)
+    x, y = _data(1)[0]
+    stats = trainer.step(lambda: F.mse_loss(model(x), y))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("StepStats.__repr__ read a tensor's value")
+
+    for name in ("item", "tolist", "numpy", "__repr__", "__str__", "__format__", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    text = repr(stats)
+    monkeypatch.undo()
+    assert text == ("StepStats(loss=<tensor float32[] on cpu>, scale=<tensor float32[] on cpu>, "
+                    "skipped=<tensor bool[] on cpu>, grad_norm=<tensor float32[] on cpu>, stepped=True)")
+
+
+def test_step_stats_item_reads_every_field():
+    model = _model()
+    trainer = ampkit.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), device_type="cpu",
+                             dtype=torch.float16, scaler=ampkit.GradScaler("cpu", init_scale=2.0), max_grad_norm=1.0)
+    x, y = _data(1)[0]
+    stats = trainer.step(lambda: F.mse_loss(model(x), y))
+    assert stats.item() == {"loss": stats.loss.item(), "scale": stats.scale.item(), "skipped": stats.skipped.item(),
+                            "grad_norm": stats.grad_norm.item(), "stepped": True}
+    bf16 = ampkit.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), device_type="cpu")
+    values = bf16.step(lambda: F.mse_loss(model(x), y)).item()
+    assert values["scale"] is None and values["grad_norm"] is None and values["skipped"] is False
