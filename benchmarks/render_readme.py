@@ -322,7 +322,7 @@ BLOCKS = {
     "autocast_instructions_cpu": (render_autocast_instructions, ["autocast_instructions_cpu.json"]),
     "grad_scaler_cpu": (render_grad_scaler, ["grad_scaler_cpu.json", "grad_scaler_small_cpu.json"]),
     "sgd_lowp_cpu": (render_sgd_lowp, ["sgd_lowp_cpu.json"]),
-    # "diagnostics_cpu": added with its first results
+    "diagnostics_cpu": (render_diagnostics, ["diagnostics_cpu.json"]),
 }
 
 

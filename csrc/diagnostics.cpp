@@ -66,9 +66,10 @@ struct OpInfo {
   std::vector<bool> written;         // per argument: the op writes it (in-place, out=)
   std::vector<bool> dtype_argument;  // per argument: a ScalarType / ScalarType?
   bool mutates = false;
-  bool conversion = false;                     // its output dtype is the caller's choice (to, _to_copy, copy_)
-  bool overwrites = false;                     // writes its mutated arguments without reading them (copy_, fill_, out=)
-  bool uninitialized = false;                  // its output holds whatever the memory held (empty, resize_)
+  bool returns = false;        // has outputs to judge (in-place foreach ops and fused optimizer steps have none)
+  bool conversion = false;     // its output dtype is the caller's choice (to, _to_copy, copy_)
+  bool overwrites = false;     // writes its mutated arguments without reading them (copy_, fill_, out=)
+  bool uninitialized = false;  // its output holds whatever the memory held (empty, resize_)
   std::atomic<const OpEntry*> entry{nullptr};  // set once ampkit's kernel for it is registered
 };
 
@@ -108,9 +109,10 @@ struct QuietGuard {
 
 bool all_finite(const at::Tensor& t) {
   if (t.numel() == 0) return true;
-  // The sum in float64 of finite fp16/bf16/fp32 values cannot overflow, so it is finite exactly
-  // when every element is: one read of the tensor and no temporary of its size.
-  if (t.scalar_type() != at::kDouble) return std::isfinite(t.sum(at::kDouble).item<double>());
+  // A sum with an inf or NaN term is not finite, so a finite float32 sum proves every element finite
+  // in one read of the tensor, without a temporary of its size; only a sum that overflowed from
+  // large finite values (or a float64 tensor) needs the exact test.
+  if (t.scalar_type() != at::kDouble && std::isfinite(t.sum(at::kFloat).item<float>())) return true;
   return at::isfinite(t).all().item<bool>();
 }
 
@@ -150,6 +152,12 @@ std::string dtypes_string(const std::vector<c10::ScalarType>& dtypes) {
 }  // namespace
 
 class Frame;
+
+// One session's state on one thread: its stack of frames, the innermost on top.
+struct ThreadSlot {
+  std::uint64_t generation = 0;
+  Frame* top = nullptr;
+};
 
 class DiagnosticSession : public std::enable_shared_from_this<DiagnosticSession> {
  public:
@@ -256,8 +264,8 @@ class Frame : public at::ObserverContext {
   // the arguments the op writes and those that share memory with them; a copy of what it writes.
   std::vector<std::int8_t> finite_before;
   std::vector<at::Tensor> written_before;  // per argument: the copy, for those judged before the call
-  std::size_t modules_depth = 0;  // nodes: t_modules' depth when the node started
-  int exceptions = 0;             // std::uncaught_exceptions() at the start
+  std::size_t modules_depth = 0;           // nodes: t_modules' depth when the node started
+  int exceptions = 0;                      // std::uncaught_exceptions() at the start
 
   // The dtypes the op computed in: each tensor argument's, or what ampkit cast it to.
   std::vector<c10::ScalarType> computed_dtypes() const {
@@ -304,10 +312,6 @@ class Frame : public at::ObserverContext {
 
 namespace {
 
-struct ThreadSlot {
-  std::uint64_t generation = 0;
-  Frame* top = nullptr;
-};
 thread_local std::array<ThreadSlot, kMaxSessions> t_slots;
 
 ThreadSlot& thread_slot(int slot, std::uint64_t generation) {
@@ -537,6 +541,7 @@ OpInfo& DiagnosticSession::op_info(const c10::OperatorName& name, const std::str
   if (info.handle && info.handle->hasSchema()) {
     const auto& args = info.handle->schema().arguments();
     info.num_args = args.size();
+    info.returns = !info.handle->schema().returns().empty();
     for (const auto& a : args) {
       const bool written = a.alias_info() && a.alias_info()->isWrite();
       info.written.push_back(written);
@@ -547,6 +552,7 @@ OpInfo& DiagnosticSession::op_info(const c10::OperatorName& name, const std::str
     }
   } else {
     info.handle.reset();
+    info.returns = true;
   }
   info.conversion = starts_with(full, "aten::to") || starts_with(full, "aten::_to_copy") ||
                     starts_with(full, "aten::copy_") || starts_with(full, "aten::_copy_from");
@@ -615,7 +621,7 @@ std::unique_ptr<at::ObserverContext> DiagnosticSession::on_start(const at::Recor
       }
     }
     f->in_region = f->backward || (f->parent && f->parent->in_region) || f->device >= 0;
-    if ((mode_ & kLocate) && f->info->mutates && !found_.load(std::memory_order_relaxed) &&
+    if ((mode_ & kLocate) && f->info->mutates && f->info->returns && !found_.load(std::memory_order_relaxed) &&
         f->inputs.size() == f->info->num_args) {
       QuietGuard quiet;
       f->finite_before.assign(f->inputs.size(), -1);
@@ -753,7 +759,7 @@ void DiagnosticSession::record_row(const Frame& f, const std::vector<c10::IValue
 }
 
 void DiagnosticSession::check_outputs(Frame& f, const std::vector<c10::IValue>& outputs) {
-  if (found_.load(std::memory_order_acquire) || f.info->uninitialized) return;
+  if (found_.load(std::memory_order_acquire) || f.info->uninitialized || !f.info->returns) return;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     ++checked_;

@@ -495,3 +495,10 @@ def test_failed_calls_and_bad_loss_scales():
         with pytest.raises(TypeError, match="expected scale to be a torch.Tensor, got float"):
             loc.set_loss_scale(2.0)
         loc.set_loss_scale(torch.tensor(1024.0))
+
+
+def test_locator_does_not_mistake_large_finite_values_for_an_overflow():
+    big = torch.full((8,), 3e38, dtype=torch.bfloat16)  # finite, but their float32 sum is not
+    with ampkit.overflow_locator() as loc:
+        out = big * 1.0
+    assert torch.isfinite(out).all() and loc.first is None and loc.first_nonfinite_input is None
