@@ -21,6 +21,9 @@ std::vector<const ampkit::PrecisionRecord*> find_rows(const Rows& rows, const st
   }
   return out;
 }
+// The pointers point into \p rows: a temporary would leave them dangling.
+std::vector<const ampkit::PrecisionRecord*> find_rows(Rows&& rows, const std::string& op, const std::string& phase,
+                                                      const std::string& module, bool nested = false) = delete;
 
 // Linear -> LayerNorm -> GELU -> Linear, each layer under a ModuleScope of its index.
 struct LnModel {
@@ -258,7 +261,8 @@ TEST_CASE("Diagnostics: reports and locators on several threads while the tables
         ampkit::AutocastGuard guard(c10::kCPU, c10::kHalf);
         torch::exp(torch::mm(x, w) * 1e-6);
       }
-      const auto rows = find_rows(report.rows(), "aten::mm", "forward", "worker" + std::to_string(i));
+      const Rows all = report.rows();  // find_rows points into it
+      const auto rows = find_rows(all, "aten::mm", "forward", "worker" + std::to_string(i));
       mm_calls[i] = rows.size() == 1 ? rows[0]->calls : -1;
       found[i] = locator.first().has_value() ? 1 : 0;
     });
