@@ -634,9 +634,11 @@ std::unique_ptr<at::ObserverContext> DiagnosticSession::on_start(const at::Recor
         // What it writes (unless it only overwrites it: copy_, out=), and what it reads from the same
         // memory (y.add_(y), mul(y[0], y[1], out=y[0])), is judged as it was before the call.
         bool measure = f->info->written[i] && !f->info->overwrites;
-        for_each_tensor(f->inputs[i], [&](const at::Tensor& t) {
-          for (const auto& w : written) measure = measure || (t.defined() && t.is_alias_of(w));
-        });
+        if (!f->info->written[i]) {
+          for_each_tensor(f->inputs[i], [&](const at::Tensor& t) {
+            for (const auto& w : written) measure = measure || (t.defined() && t.is_alias_of(w));
+          });
+        }
         if (!measure) continue;
         bool finite = true;
         for_each_tensor(f->inputs[i], [&](const at::Tensor& t) {
@@ -1034,6 +1036,11 @@ bool pop_module_scope(const std::string* expected) {
     }
   }
   return true;
+}
+std::size_t module_scope_depth() { return t_modules.size(); }
+
+void truncate_module_scopes(std::size_t depth) {
+  while (t_modules.size() > depth) pop_module_scope(nullptr);
 }
 }  // namespace detail
 

@@ -7,6 +7,7 @@
 #include <c10/macros/Macros.h>
 
 #include <atomic>
+#include <cstddef>
 #include <string>
 
 namespace ampkit::detail {
@@ -32,5 +33,8 @@ inline void note_loss_scale(const at::Tensor& scale) {
 void push_module_scope(std::string name);
 // Ends the innermost scope, if it is \p expected (any when null); returns whether it did.
 bool pop_module_scope(const std::string* expected);
+// How many scopes are open on this thread; ends those above \p depth (scopes a KeyboardInterrupt left).
+std::size_t module_scope_depth();
+void truncate_module_scopes(std::size_t depth);
 
 }  // namespace ampkit::detail

@@ -94,6 +94,9 @@ void bind_diagnostics(py::module_& m) {
   m.def(
       "_pop_module_scope", [](const std::string& name) { return detail::pop_module_scope(&name); }, py::arg("name"),
       "Ends the innermost _push_module_scope() if it is name; returns whether it did.");
+  m.def("_module_scope_depth", &detail::module_scope_depth, "How many module scopes are open on this thread.");
+  m.def("_truncate_module_scopes", &detail::truncate_module_scopes, py::arg("depth"),
+        "Ends the module scopes above depth (those a KeyboardInterrupt in a forward left open).");
   m.def(
       "_diagnostics_live", [] { return detail::live_diagnostic_sessions.load(std::memory_order_relaxed) > 0; },
       "Whether a precision report or overflow locator is alive.");

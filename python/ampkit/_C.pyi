@@ -145,6 +145,8 @@ def _clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.T
     """
 def _diagnostics_live() -> bool:
     """Whether a precision report or overflow locator is alive."""
+def _module_scope_depth() -> int:
+    """How many module scopes are open on this thread."""
 def _note_loss_scale(scale: torch.Tensor) -> None:
     """Tells live overflow locators the loss scale that this backward pass's gradients carry."""
 def _policy_generation() -> int:
@@ -155,6 +157,8 @@ def _pop_module_scope(name: str) -> bool:
     """Ends the innermost _push_module_scope() if it is name; returns whether it did."""
 def _push_module_scope(name: str) -> None:
     """Ops this thread runs are attributed to name until the matching _pop_module_scope()."""
+def _truncate_module_scopes(depth: int) -> None:
+    """Ends the module scopes above depth (those a KeyboardInterrupt in a forward left open)."""
 def _reciprocal_scale(scale: torch.Tensor) -> torch.Tensor:
     """
     1 / scale in float64, rounded to float32, as torch.amp.GradScaler computes it.

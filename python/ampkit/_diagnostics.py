@@ -54,10 +54,12 @@ class _ModuleHooks:
     def __init__(self, model: Optional[torch.nn.Module]) -> None:
         self._model = model
         self._handles: List[Any] = []
+        self._depth = 0
 
     def attach(self) -> None:
         if self._model is None:
             return
+        self._depth = _C._module_scope_depth()
         try:
             for name, module in self._model.named_modules():
                 path = name or type(self._model).__name__
@@ -70,6 +72,9 @@ class _ModuleHooks:
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
+        if self._handles:
+            # torch runs always_call hooks on Exception, not on KeyboardInterrupt: end what was left open.
+            _C._truncate_module_scopes(self._depth)
         self._handles.clear()
 
     @staticmethod

@@ -502,3 +502,28 @@ def test_locator_does_not_mistake_large_finite_values_for_an_overflow():
     with ampkit.overflow_locator() as loc:
         out = big * 1.0
     assert torch.isfinite(out).all() and loc.first is None and loc.first_nonfinite_input is None
+
+
+def test_a_keyboard_interrupt_in_forward_leaves_no_module_scope_open():
+    class Interrupting(torch.nn.Module):
+        def forward(self, x):
+            raise KeyboardInterrupt
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), Interrupting())
+    depth = ampkit._C._module_scope_depth()
+    with pytest.raises(KeyboardInterrupt):
+        with ampkit.precision_report(model):
+            model(torch.randn(1, 2))
+    assert ampkit._C._module_scope_depth() == depth
+
+
+def test_overwriting_ops_do_not_judge_what_they_overwrite():
+    t = torch.full((4,), float("nan"))  # what fill_, copy_ and out= write over does not matter
+    with ampkit.overflow_locator() as loc:
+        t.fill_(1.0)
+        t.fill_(float("nan"))
+        t.copy_(torch.ones(4))
+        t.fill_(float("nan"))
+        torch.mul(torch.ones(4), 2.0, out=t)
+        t.fill_(float("inf"))  # deliberate
+    assert loc.first is None and loc.first_nonfinite_input is None
