@@ -16,7 +16,7 @@ and in the backward passes started there; they cost nothing when no one is open.
 """
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, TypeVar, Union
 
 import torch
 
@@ -94,7 +94,60 @@ class _ModuleHooks:
         return hook
 
 
-class PrecisionReport:
+_ToolT = TypeVar("_ToolT", bound="_Tool")
+
+
+class _Tool:
+    """What a report and a locator share: a C++ session opened by ``with`` (one per block), the
+    module hooks, and the errors of misuse."""
+
+    _label = ""
+    _noun = ""
+
+    def __init__(self, model: Optional[torch.nn.Module]) -> None:
+        self._hooks = _ModuleHooks(_check_model(model))
+        self._impl: Optional[Any] = None
+
+    def _open(self) -> Any:
+        raise NotImplementedError
+
+    def _on_enter(self) -> None:
+        pass
+
+    def _on_exit(self) -> None:
+        pass
+
+    def __enter__(self: _ToolT) -> _ToolT:
+        if self._impl is not None:
+            raise RuntimeError(f"{self._label}: expected a {self._noun} that was not entered yet, got one entered "
+                               "before (make a new one per block)")
+        self._impl = self._open()
+        try:
+            self._hooks.attach()
+            self._on_enter()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        try:
+            self._hooks.detach()
+            self._on_exit()
+        finally:
+            assert self._impl is not None
+            self._impl.stop()
+
+    def _started(self) -> Any:
+        if self._impl is None:
+            raise RuntimeError(f"{self._label}: expected a {self._noun} entered with `with`, got one never entered")
+        return self._impl
+
+
+class PrecisionReport(_Tool):
     """What every op did while the report was open: see :func:`precision_report`.
 
     ``rows`` is a list of dicts, one per distinct (op, device, phase, module, policy, dtypes, nested)
@@ -106,34 +159,13 @@ class PrecisionReport:
     cast), ``cached_casts`` (of those, served by the weight cache) and ``cast_bytes``.
     """
 
+    _label, _noun = "ampkit.precision_report", "report"
+
     def __init__(self, model: Optional[torch.nn.Module] = None) -> None:
-        self._hooks = _ModuleHooks(_check_model(model))
-        self._impl: Optional[Any] = None
+        super().__init__(model)
 
-    def __enter__(self) -> "PrecisionReport":
-        if self._impl is not None:
-            raise RuntimeError("ampkit.precision_report: expected a report that was not entered yet, got one "
-                               "entered before (make a new one per block)")
-        self._impl = _C._PrecisionReport()
-        try:
-            self._hooks.attach()
-        except BaseException:
-            self._impl.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self._hooks.detach()
-        finally:
-            assert self._impl is not None
-            self._impl.stop()
-
-    def _started(self) -> Any:
-        if self._impl is None:
-            raise RuntimeError("ampkit.precision_report: expected a report entered with `with`, got one never "
-                               "entered")
-        return self._impl
+    def _open(self) -> Any:
+        return _C._PrecisionReport()
 
     @property
     def rows(self) -> List[Dict[str, Any]]:
@@ -280,55 +312,34 @@ class _ScaleWatch:
             cls._original = None
 
 
-class OverflowLocator:
+class OverflowLocator(_Tool):
     """Watches every op's outputs while open: see :func:`overflow_locator`."""
+
+    _label, _noun = "ampkit.overflow_locator", "locator"
 
     def __init__(self, model: Optional[torch.nn.Module] = None, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError("ampkit.overflow_locator: expected scaler to be a torch.amp.GradScaler (or ampkit's) or "
                             f"None, got {type(scaler).__name__}")
-        self._hooks = _ModuleHooks(_check_model(model))
+        super().__init__(model)
         self._scaler = scaler
-        self._impl: Optional[Any] = None
         self._watching = False
 
-    def __enter__(self) -> "OverflowLocator":
-        if self._impl is not None:
-            raise RuntimeError("ampkit.overflow_locator: expected a locator that was not entered yet, got one "
-                               "entered before (make a new one per block)")
-        self._impl = _C._OverflowLocator()
-        try:
-            self._hooks.attach()
-            _ScaleWatch.acquire()
-            self._watching = True
-            # A scale() made before the block (the loss scaled, backward still to come) counts too.
-            current = getattr(self._scaler, "_scale", None)
-            if current is not None:
-                self._impl.set_loss_scale(current)
-        except BaseException:
-            self._hooks.detach()
-            if self._watching:
-                _ScaleWatch.release()
-                self._watching = False
-            self._impl.stop()
-            raise
-        return self
+    def _open(self) -> Any:
+        return _C._OverflowLocator()
 
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self._hooks.detach()
-            if self._watching:
-                _ScaleWatch.release()
-                self._watching = False
-        finally:
-            assert self._impl is not None
-            self._impl.stop()
+    def _on_enter(self) -> None:
+        _ScaleWatch.acquire()
+        self._watching = True
+        # A scale() made before the block (the loss scaled, backward still to come) counts too.
+        current = getattr(self._scaler, "_scale", None)
+        if current is not None:
+            self._impl.set_loss_scale(current)
 
-    def _started(self) -> Any:
-        if self._impl is None:
-            raise RuntimeError("ampkit.overflow_locator: expected a locator entered with `with`, got one never "
-                               "entered")
-        return self._impl
+    def _on_exit(self) -> None:
+        if self._watching:
+            _ScaleWatch.release()
+            self._watching = False
 
     @property
     def first(self) -> Optional[OverflowEvent]:

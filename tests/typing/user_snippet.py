@@ -33,3 +33,15 @@ def scaled_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.opt
 
 def cmake_prefix() -> str:
     return ampkit.cmake_prefix_path + ampkit.version.torch + ampkit.__version__
+
+
+def nan_hunt(model: torch.nn.Module, x: torch.Tensor) -> str:
+    with ampkit.precision_report(model) as report:
+        with ampkit.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    rows: list[dict[str, object]] = report.rows
+    with ampkit.overflow_locator(model) as locator, ampkit.module_scope("head"):
+        model(x)
+    first: ampkit.OverflowEvent | None = locator.first
+    fix: str | None = None if first is None else first.suggestion
+    return report.table(phase="forward") + str(len(rows)) + (fix or "")
