@@ -180,3 +180,12 @@ def test_c_stub_names_what_the_module_has():
     actual = {n for n in dir(ampkit._C) if not n.startswith("__")}
     assert stubbed == actual
     assert (Path(ampkit.__file__).parent / "py.typed").exists()
+
+
+def test_every_subpackage_goes_into_the_wheel():
+    # pyproject.toml lists the packages explicitly (the source tree's python/ampkit also holds build
+    # outputs): a new subpackage missing there would be left out of the wheel.
+    listed = re.search(r"^packages = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    listed = {name.strip().strip('"') for name in listed.split(",")}
+    found = {".".join(p.parent.relative_to(ROOT / "python").parts) for p in (ROOT / "python" / "ampkit").rglob("__init__.py")}
+    assert found == listed
