@@ -144,11 +144,7 @@ c10::ScalarType promote_type(const OpEntry& e, const OpSignature& sig, const tor
 // on this thread (its key not in \p excluded, read before the kernel's own exclusions), or -1.
 int call_device(const OpSignature& sig, const torch::jit::Stack* stack, c10::DispatchKeySet excluded) {
   int best = -1;
-  auto consider = [&](const at::Tensor& t) {
-    if (!t.defined()) return;
-    const int d = policy_device_index(t.device().type());
-    if (d > best && !excluded.has(torch_autocast_key(d))) best = d;
-  };
+  auto consider = [&](const at::Tensor& t) { vote_policy_device(best, t, excluded); };
   const size_t n = sig.kinds.size();
   const c10::IValue* args = stack->data() + (stack->size() - n);
   for (size_t i = 0; i < n; ++i) {

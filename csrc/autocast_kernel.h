@@ -94,6 +94,17 @@ inline const c10::DispatchKeySet kKernelExcludedKeys = kTorchAutocastKeys | c10:
 
 inline c10::DispatchKey torch_autocast_key(int device) { return kPolicyDevices[device].torch_key; }
 
+// One tensor's vote for the device type whose autocast applies to a call: the policy device index
+// of highest priority (CUDA over CPU, as in torch) among the tensors, counting only device types
+// whose torch autocast is enabled on this thread (key not in \p excluded, read before the kernel's
+// own exclusions). The boxed kernel and the diagnostics decide with it; the unboxed kernels spell
+// the same rule out (autocast_unboxed.cpp says why).
+inline void vote_policy_device(int& best, const at::Tensor& t, c10::DispatchKeySet excluded) {
+  if (!t.defined()) return;
+  const int d = policy_device_index(t.device().type());
+  if (d > best && !excluded.has(torch_autocast_key(d))) best = d;
+}
+
 // The keys a kernel redispatches with: those below ampkit's, without torch's autocast keys.
 inline c10::DispatchKeySet after_autocast(c10::DispatchKeySet keys) {
   return (keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, kAutocastKey)) - kTorchAutocastKeys;

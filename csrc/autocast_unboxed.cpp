@@ -31,6 +31,8 @@ struct DeviceVote {
   int best = -1;
 };
 
+// vote_policy_device's rule (autocast_kernel.h), written out here: through the helper, the compiler
+// emits about 11 more instructions per mm call (callgrind), on the path every listed op takes.
 inline void vote(DeviceVote& v, const at::Tensor& t) {
   if (!t.defined()) return;
   const int d = policy_device_index(t.device().type());

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdio>
 #include <iomanip>
 #include <limits>
 #include <map>
@@ -189,7 +188,7 @@ class DiagnosticSession : public std::enable_shared_from_this<DiagnosticSession>
     first_.reset();
     first_input_.reset();
     nonfinite_storages_.clear();
-    checked_ = 0;
+    checked_.store(0, std::memory_order_relaxed);
     found_.store(false, std::memory_order_relaxed);
   }
   void set_loss_scale(const at::Tensor& scale) {
@@ -203,6 +202,7 @@ class DiagnosticSession : public std::enable_shared_from_this<DiagnosticSession>
   OpInfo& op_info(const c10::OperatorName& name, const std::string& full);
   ForwardInfoPtr find_forward(std::uint64_t thread, std::int64_t seq);
   void remember_forward(const Frame& f);
+  void remember(std::uint64_t begin, std::uint64_t end, ForwardInfoPtr info);
 
  public:
   void remember_range(std::uint64_t begin, std::uint64_t end, const std::string& module);
@@ -229,7 +229,7 @@ class DiagnosticSession : public std::enable_shared_from_this<DiagnosticSession>
   std::unordered_map<std::string, size_t> row_index_;
   // locator
   std::atomic<bool> found_{false};
-  std::int64_t checked_ = 0;
+  std::atomic<std::int64_t> checked_{0};
   std::optional<OverflowEvent> first_;
   std::optional<OverflowEvent> first_input_;
   at::Tensor loss_scale_;
@@ -327,6 +327,12 @@ std::array<std::shared_ptr<DiagnosticSession>, kMaxSessions> slots;
 std::array<bool, kMaxSessions> orphaned{};
 std::uint64_t generations = 0;
 
+// The sessions alive now, copied under the lock.
+std::array<std::shared_ptr<DiagnosticSession>, kMaxSessions> live_sessions() {
+  std::lock_guard<std::mutex> lock(slots_mutex);
+  return slots;
+}
+
 std::shared_ptr<DiagnosticSession> session_in(int slot) {
   std::lock_guard<std::mutex> lock(slots_mutex);
   return slots[slot];
@@ -368,11 +374,7 @@ int region_device(const std::vector<c10::IValue>& values, const c10::impl::Local
   if (!keys.included_.has(kAutocastKey) || keys.excluded_.has(kAutocastKey)) return -1;
   int best = -1;
   for (const auto& v : values) {
-    for_each_tensor(v, [&](const at::Tensor& t) {
-      if (!t.defined()) return;
-      const int d = policy_device_index(t.device().type());
-      if (d > best && !keys.excluded_.has(torch_autocast_key(d))) best = d;
-    });
+    for_each_tensor(v, [&](const at::Tensor& t) { vote_policy_device(best, t, keys.excluded_); });
   }
   return best;
 }
@@ -697,23 +699,26 @@ void DiagnosticSession::remember_forward(const Frame& f) {
   } else {
     info->policy_op = f.outermost_op()->op;
   }
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto& records = forward_[at::RecordFunction::currentThreadId()];
-  for (std::uint64_t s = f.seq_begin; s < end; ++s) records.emplace(static_cast<std::int64_t>(s), info);
-  if (records.size() > kMaxForwardRecords) {
-    auto middle = records.begin();
-    std::advance(middle, records.size() / 2);
-    records.erase(records.begin(), middle);
-  }
+  remember(f.seq_begin, end, std::move(info));
 }
 
 void DiagnosticSession::remember_range(std::uint64_t begin, std::uint64_t end, const std::string& module) {
   if (end <= begin) return;
   auto info = std::make_shared<ForwardInfo>();
   info->module = module;
+  remember(begin, end, std::move(info));
+}
+
+// Records \p info for the sequence numbers [begin, end) of this thread that have no record yet.
+void DiagnosticSession::remember(std::uint64_t begin, std::uint64_t end, ForwardInfoPtr info) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto& records = forward_[at::RecordFunction::currentThreadId()];
   for (std::uint64_t s = begin; s < end; ++s) records.emplace(static_cast<std::int64_t>(s), info);
+  if (records.size() > kMaxForwardRecords) {
+    auto middle = records.begin();
+    std::advance(middle, records.size() / 2);
+    records.erase(records.begin(), middle);
+  }
 }
 
 void DiagnosticSession::record_row(const Frame& f, const std::vector<c10::IValue>& outputs) {
@@ -762,10 +767,7 @@ void DiagnosticSession::record_row(const Frame& f, const std::vector<c10::IValue
 
 void DiagnosticSession::check_outputs(Frame& f, const std::vector<c10::IValue>& outputs) {
   if (found_.load(std::memory_order_acquire) || f.info->uninitialized || !f.info->returns) return;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++checked_;
-  }
+  checked_.fetch_add(1, std::memory_order_relaxed);
   QuietGuard quiet;
   auto written = [&](size_t i) { return f.info->mutates && i < f.info->written.size() && f.info->written[i]; };
   auto aliases = [&](const at::Tensor& out, bool want_written) {
@@ -879,7 +881,7 @@ OverflowEvent DiagnosticSession::describe(const Frame& f, const std::vector<c10:
   at::Tensor scale;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    ev.op_index = checked_ - 1;
+    ev.op_index = checked_.load(std::memory_order_relaxed) - 1;
     scale = loss_scale_;
   }
   if (scale.defined()) ev.loss_scale = scale.item<double>();  // checked when set: one floating element
@@ -985,11 +987,7 @@ OverflowEvent DiagnosticSession::describe(const Frame& f, const std::vector<c10:
 }
 
 void note_cast_slow(const at::Tensor& from, const at::Tensor& to, bool cached) {
-  std::array<std::shared_ptr<DiagnosticSession>, kMaxSessions> live;
-  {
-    std::lock_guard<std::mutex> lock(slots_mutex);
-    live = slots;
-  }
+  const auto live = live_sessions();
   for (int i = 0; i < kMaxSessions; ++i) {
     if (!live[i]) continue;
     ThreadSlot& ts = thread_slot(i, live[i]->generation());
@@ -999,11 +997,7 @@ void note_cast_slow(const at::Tensor& from, const at::Tensor& to, bool cached) {
 
 void note_loss_scale_slow(const at::Tensor& scale) {
   if (!scale.defined() || scale.numel() != 1 || !scale.is_floating_point()) return;
-  std::array<std::shared_ptr<DiagnosticSession>, kMaxSessions> live;
-  {
-    std::lock_guard<std::mutex> lock(slots_mutex);
-    live = slots;
-  }
+  const auto live = live_sessions();
   for (const auto& s : live) {
     if (s && (s->mode() & DiagnosticSession::kLocate)) s->set_loss_scale(scale);
   }
@@ -1026,11 +1020,7 @@ bool pop_module_scope(const std::string* expected) {
   // scope's; the ops' own records, made first, are more specific and stay.
   if (live_diagnostic_sessions.load(std::memory_order_relaxed) > 0) {
     const std::uint64_t end = at::sequence_number::peek();
-    std::array<std::shared_ptr<DiagnosticSession>, kMaxSessions> live;
-    {
-      std::lock_guard<std::mutex> lock(slots_mutex);
-      live = slots;
-    }
+    const auto live = live_sessions();
     for (const auto& session : live) {
       if (session) session->remember_range(top.seq_begin, end, top.name);
     }
