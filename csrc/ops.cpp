@@ -25,6 +25,7 @@ namespace ampkit {
 namespace {
 
 at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+at::TensorList list_or_empty(const std::optional<at::TensorList>& l) { return l.has_value() ? *l : at::TensorList(); }
 
 void unscale_grads(at::TensorList grads, at::TensorList found_infs, const at::Tensor& inv_scale, bool allow_fp16) {
   detail::unscale_grad_list_(grads, found_infs, inv_scale, allow_fp16);
@@ -50,12 +51,19 @@ void set_lr(Hyper& h, Lr lr) {
   }
 }
 
+optim::detail::LowPrecision low_precision(bool stochastic_rounding, int64_t seed, int64_t group_index) {
+  return {stochastic_rounding, seed, group_index};
+}
+
 template <class Lr>
 void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps, Lr lr, double beta1, double beta2,
                 double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                const std::optional<at::TensorList>& masters, bool stochastic_rounding, int64_t seed,
+                int64_t group_index) {
   optim::detail::AdamHyper h;
+  h.low_precision = low_precision(stochastic_rounding, seed, group_index);
   set_lr(h, lr);
   h.beta1 = beta1;
   h.beta2 = beta2;
@@ -64,23 +72,26 @@ void fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_
   h.amsgrad = amsgrad;
   h.maximize = maximize;
   h.decoupled_weight_decay = decoupled_weight_decay;
-  optim::detail::fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, h,
-                             or_undefined(grad_scale), or_undefined(found_inf));
+  optim::detail::fused_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, list_or_empty(masters),
+                             h, or_undefined(grad_scale), or_undefined(found_inf));
 }
 
 template <class Lr>
 void fused_sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, Lr lr, double momentum,
                double dampening, double weight_decay, bool nesterov, bool maximize, bool is_first_step,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               const std::optional<at::TensorList>& masters, const std::optional<at::TensorList>& state_steps,
+               bool stochastic_rounding, int64_t seed, int64_t group_index) {
   optim::detail::SGDHyper h;
+  h.low_precision = low_precision(stochastic_rounding, seed, group_index);
   set_lr(h, lr);
   h.momentum = momentum;
   h.dampening = dampening;
   h.weight_decay = weight_decay;
   h.nesterov = nesterov;
   h.maximize = maximize;
-  optim::detail::fused_sgd_(params, grads, momentum_buffers, h, is_first_step, or_undefined(grad_scale),
-                            or_undefined(found_inf));
+  optim::detail::fused_sgd_(params, grads, momentum_buffers, list_or_empty(masters), list_or_empty(state_steps), h,
+                            is_first_step, or_undefined(grad_scale), or_undefined(found_inf));
 }
 
 }  // namespace
@@ -95,7 +106,8 @@ TORCH_LIBRARY(ampkit, m) {
       {at::Tag::pt2_compliant_tag});
   const char* adam_tail =
       "float beta1, float beta2, float weight_decay, float eps, bool amsgrad, bool maximize, "
-      "bool decoupled_weight_decay, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()";
+      "bool decoupled_weight_decay, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(g!)[]? masters=None, "
+      "bool stochastic_rounding=False, int seed=0, int group_index=0) -> ()";
   const char* adam_head =
       "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, ";
@@ -105,7 +117,8 @@ TORCH_LIBRARY(ampkit, m) {
   const char* sgd_head = "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, ";
   const char* sgd_tail =
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()";
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(d!)[]? masters=None, Tensor(e!)[]? state_steps=None, "
+      "bool stochastic_rounding=False, int seed=0, int group_index=0) -> ()";
   m.def((std::string("fused_sgd_") + sgd_head + "float lr, " + sgd_tail).c_str(), {at::Tag::pt2_compliant_tag});
   m.def((std::string("fused_sgd_.tensor_lr") + sgd_head + "Tensor lr, " + sgd_tail).c_str(),
         {at::Tag::pt2_compliant_tag});

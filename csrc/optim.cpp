@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 #include <torch/optim/serialize.h>
@@ -152,7 +153,62 @@ void check_params_and_grads(const char* who, at::TensorList params, at::TensorLi
 
 enum class StateKind { like_param, step };
 
-void check_state_list(const char* who, const char* name, at::TensorList list, at::TensorList params, StateKind kind) {
+bool is_low_precision(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
+// How the parameters of one call step: with masters (one per parameter, or none), stochastically
+// rounded, or neither.
+struct LowpLayout {
+  at::TensorList masters;
+  bool stochastic = false;
+  // Whether params[i] steps through the one-pass low-precision path.
+  bool master_of(const at::Tensor& p) const { return !masters.empty() && is_low_precision(p); }
+  bool rounded(const at::Tensor& p) const { return stochastic && p.scalar_type() == at::kBFloat16; }
+  // The dtypes a state of \p p may have: float32 next to a master, float32 or bf16 with stochastic
+  // rounding, the parameter's own otherwise.
+  bool state_dtype_ok(const at::Tensor& p, at::ScalarType dtype) const {
+    if (master_of(p)) return dtype == at::kFloat;
+    if (rounded(p)) return dtype == at::kFloat || dtype == at::kBFloat16;
+    return dtype == p.scalar_type();
+  }
+};
+
+// A parameter that a stochastic_rounding step can take: bf16 on the CPU, or float32 (which steps as usual).
+void check_rounded_param(const char* who, const at::Tensor& p, ParamPosition pos) {
+  TORCH_CHECK_VALUE(p.scalar_type() != at::kHalf, who,
+                    ": expected bfloat16 or float32 parameters with stochastic_rounding (fp16 needs master_weights), "
+                    "got ",
+                    describe(p), " ", pos);
+  TORCH_CHECK_VALUE(p.scalar_type() != at::kBFloat16 || p.device().is_cpu(), who,
+                    ": stochastic_rounding runs on CPU parameters (no kernel for ", p.device().type(), " yet), got ",
+                    describe(p), " ", pos);
+}
+
+void check_lowp_layout(const char* who, at::TensorList params, const LowpLayout& layout) {
+  const auto& masters = layout.masters;
+  TORCH_CHECK_VALUE(!(layout.stochastic && !masters.empty()), who,
+                    ": expected at most one of master_weights and stochastic_rounding, got both");
+  TORCH_CHECK_VALUE(masters.empty() || masters.size() == params.size(), who,
+                    ": expected masters to be empty or to have one tensor per parameter (", params.size(), "), got ",
+                    masters.size());
+  for (size_t i = 0; i < masters.size(); ++i) {
+    const auto& p = params[i];
+    const auto& m = masters[i];
+    if (is_low_precision(p)) {
+      TORCH_CHECK_VALUE(m.defined() && m.scalar_type() == at::kFloat && m.device() == p.device() &&
+                            m.sizes() == p.sizes() && !m.is_same(p),
+                        who, ": expected masters[", i, "] to be a float32 copy of its parameter (", describe(p),
+                        "), got ", describe(m));
+    } else {
+      TORCH_CHECK_VALUE(m.is_same(p), who, ": expected masters[", i,
+                        "] to be the parameter itself (a float32 parameter is its own master), got ", describe(m));
+    }
+  }
+  if (!layout.stochastic) return;
+  for (size_t i = 0; i < params.size(); ++i) check_rounded_param(who, params[i], {std::nullopt, i});
+}
+
+void check_state_list(const char* who, const char* name, at::TensorList list, at::TensorList params, StateKind kind,
+                      const LowpLayout& layout = {}) {
   TORCH_CHECK_VALUE(list.size() == params.size(), who, ": expected ", name, " to have one tensor per parameter (",
                     params.size(), "), got ", list.size());
   for (size_t i = 0; i < list.size(); ++i) {
@@ -163,10 +219,13 @@ void check_state_list(const char* who, const char* name, at::TensorList list, at
           ": expected ", name, "[", i, "] to be a 1-element float32 tensor on ", params[i].device(), ", got ",
           describe(t));
     } else {
-      TORCH_CHECK_VALUE(t.defined() && t.scalar_type() == params[i].scalar_type() && t.device() == params[i].device() &&
-                            t.sizes() == params[i].sizes(),
-                        who, ": expected ", name, "[", i, "] to match its parameter (", describe(params[i]), "), got ",
-                        describe(t));
+      TORCH_CHECK_VALUE(t.defined() && layout.state_dtype_ok(params[i], t.scalar_type()) &&
+                            t.device() == params[i].device() && t.sizes() == params[i].sizes(),
+                        who, ": expected ", name, "[", i, "] to match its parameter (", describe(params[i]),
+                        layout.master_of(params[i]) ? ", in float32 next to a master"
+                        : layout.rounded(params[i]) ? ", in float32 or bfloat16"
+                                                    : "",
+                        "), got ", describe(t));
     }
   }
 }
@@ -176,12 +235,32 @@ void check_lr_tensor(const char* who, const at::Tensor& lr) {
                     ": expected a tensor lr to be a 1-element floating tensor, got ", describe(lr));
 }
 
-// Moves a loaded state tensor to its parameter (device, and dtype unless it is a step counter).
-at::Tensor place_like(const char* who, const char* name, const at::Tensor& t, const at::Tensor& param) {
+// Moves a loaded state tensor to its parameter's device, in \p dtype.
+at::Tensor place_like(const char* who, const char* name, const at::Tensor& t, const at::Tensor& param,
+                      at::ScalarType dtype) {
   if (!t.defined()) return t;
   TORCH_CHECK_VALUE(t.sizes() == param.sizes(), who, ".load: expected state '", name,
                     "' to have its parameter's shape ", param.sizes(), ", got ", t.sizes());
-  return t.to(param.device(), param.scalar_type());
+  return t.to(param.device(), dtype);
+}
+
+// The dtype of the states of \p p under options \p o: float32 next to a master, state_dtype with
+// stochastic rounding, the parameter's own otherwise.
+template <class Options>
+at::ScalarType state_dtype_for(const at::Tensor& p, const Options& o) {
+  if (is_low_precision(p) && o.master_weights()) return at::kFloat;
+  if (o.stochastic_rounding() && p.scalar_type() == at::kBFloat16) return o.state_dtype();
+  return p.scalar_type();
+}
+
+// The master of \p p where \p o asks for one: the loaded or existing one (float32, on p's device),
+// or a copy of p; undefined otherwise (a master left from before is dropped: p already holds it
+// rounded).
+template <class Options>
+at::Tensor master_for(const at::Tensor& p, const Options& o, const at::Tensor& existing) {
+  if (!(is_low_precision(p) && o.master_weights())) return at::Tensor();
+  if (existing.defined()) return existing.to(p.device(), at::kFloat);
+  return p.detach().to(at::kFloat, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
 }
 
 at::Tensor place_step(const char* who, const at::Tensor& t, const at::Tensor& param) {
@@ -217,15 +296,15 @@ void load_optimizer(const char* who, torch::optim::Optimizer& opt, torch::serial
     const auto& params = groups[i].params();
     TORCH_CHECK_VALUE(keys.size() == params.size(), who, ".load: expected param group ", i, " to hold ", params.size(),
                       " parameters, got ", keys.size());
+    const auto& o = static_cast<const Options&>(*saved_groups[i].second);
+    o.validate();
     for (size_t j = 0; j < params.size(); ++j) {
       auto it = saved_state.find(reinterpret_cast<void*>(std::stoull(keys[j])));
       if (it == saved_state.end()) continue;
       auto state = std::make_unique<State>(static_cast<const State&>(*it->second));
-      fix(*state, params[j]);
+      fix(*state, params[j], o);
       new_state[params[j].unsafeGetTensorImpl()] = std::move(state);
     }
-    const auto& o = static_cast<const Options&>(*saved_groups[i].second);
-    o.validate();
     new_options.push_back(o);
   }
   // Commit: nothing below throws.
@@ -252,11 +331,114 @@ void with_lr(const Hyper& h, const c10::Device& device, Run&& run) {
   }
 }
 
+// The tensors a one-pass CPU kernel walks: each contiguous (a non-contiguous one is worked on
+// through a copy, written back afterwards) and seen through a raw pointer.
+class ContiguousWork {
+ public:
+  void* ptr(const at::Tensor& t) {
+    if (!t.defined()) return nullptr;
+    at::Tensor c = t.contiguous();
+    if (!c.is_same(t)) copies_.emplace_back(t, c);
+    return c.data_ptr();
+  }
+  // Writes the copies back (the grads only if \p grads_changed). \p grad is the grad of this tensor.
+  void finish(const at::Tensor& grad, bool grads_changed) {
+    for (auto& [orig, copy] : copies_) {
+      if (orig.is_same(grad) && !grads_changed) continue;
+      orig.copy_(copy);
+    }
+    copies_.clear();
+  }
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies_;
+};
+
+detail::LowpDtype lowp_dtype(at::ScalarType t) {
+  return t == at::kHalf       ? detail::LowpDtype::fp16
+         : t == at::kBFloat16 ? detail::LowpDtype::bf16
+                              : detail::LowpDtype::fp32;
+}
+
+// Whether torch's CPU kernels run their FMA builds here (AVX2, AVX-512: ATen's capability, which
+// ATEN_CPU_CAPABILITY lowers), whose fused Adam fuses some multiply-adds (optim_lowp_kernels.cpp).
+bool torch_kernels_fuse() {
+  static const bool fuse = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap.find("AVX512") != std::string::npos || cap.find("AVX2") != std::string::npos;
+  }();
+  return fuse;
+}
+
+double lr_value(const at::Tensor& lr_tensor, double lr) { return lr_tensor.defined() ? lr_tensor.item<double>() : lr; }
+
+// Adam/AdamW on bf16/fp16 parameters of one device (the CPU) and dtype, in one pass per tensor:
+// with masters (\p masters one per parameter), or stochastically rounded (\p masters empty). The
+// steps were counted already; the CPU reads found_inf and the scale directly (no device to sync
+// with), and a step to skip is not run at all.
+void run_adam_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                       const detail::AdamHyper& h, const at::Tensor& grad_scale, const at::Tensor& found_inf,
+                       const std::vector<size_t>& indices) {
+  if (detail::found_inf_is_set(found_inf)) return;
+  const double lr = lr_value(h.lr_tensor, h.lr);
+  for (size_t i = 0; i < params.size(); ++i) {
+    // torch's fused kernel: the scalars in double, then rounded to float32 where the lanes use them.
+    const double step = steps[i].item<float>();
+    const double bias_correction1 = 1 - std::pow(h.beta1, step);
+    const double step_size = lr / bias_correction1;
+    const double bias_correction2_sqrt = std::sqrt(1 - std::pow(h.beta2, step));
+    const detail::AdamLowpArgs args{static_cast<float>(1 - h.beta1),
+                                    static_cast<float>(h.beta2),
+                                    static_cast<float>(1 - h.beta2),
+                                    static_cast<float>(bias_correction2_sqrt),
+                                    static_cast<float>(h.eps),
+                                    static_cast<float>(-step_size),
+                                    static_cast<float>(h.weight_decay),
+                                    static_cast<float>(1 - lr * h.weight_decay),
+                                    grad_scale.defined() ? grad_scale.item<float>() : 1.0f,
+                                    h.decoupled_weight_decay,
+                                    grad_scale.defined(),
+                                    h.maximize,
+                                    torch_kernels_fuse()};
+    ContiguousWork work;
+    detail::LowpTensors t;
+    t.param = work.ptr(params[i]);
+    t.grad = work.ptr(grads[i]);
+    t.master = masters.empty() ? nullptr : static_cast<float*>(work.ptr(masters[i]));
+    t.state = {work.ptr(exp_avgs[i]), work.ptr(exp_avg_sqs[i]),
+               max_exp_avg_sqs.empty() ? nullptr : work.ptr(max_exp_avg_sqs[i])};
+    t.param_dtype = lowp_dtype(params[i].scalar_type());
+    t.state_dtype = lowp_dtype(exp_avgs[i].scalar_type());
+    t.stochastic = masters.empty();
+    t.rounding_key =
+        detail::rounding_key(static_cast<std::uint64_t>(h.low_precision.seed), static_cast<std::uint64_t>(step),
+                             (static_cast<std::uint64_t>(h.low_precision.group_index) << 32) | indices[i]);
+    at::parallel_for(0, params[i].numel(), 32768,
+                     [&](int64_t begin, int64_t end) { detail::adam_lowp_range(t, begin, end, args); });
+    work.finish(grads[i], /*grads_changed=*/false);
+  }
+}
+
+// The master step where no one-pass kernel exists (CUDA and the other devices): torch's fused step
+// on the float32 masters with the grads upcast, then the parameters rounded from the masters. A
+// skipped step leaves the masters, and so the parameters, as they were.
+template <class Step>
+void run_master_composed(at::TensorList params, at::TensorList grads, at::TensorList masters, Step&& step) {
+  std::vector<at::Tensor> grads32;
+  grads32.reserve(grads.size());
+  for (const auto& g : grads) grads32.push_back(g.to(at::kFloat));
+  step(masters, grads32);
+  at::_foreach_copy_(params, masters);
+}
+
 // torch's _fused_adam / _fused_adamw over each device and dtype: steps counted first and rolled
-// back by found_inf afterwards, all on the device.
+// back by found_inf afterwards, all on the device. bf16/fp16 parameters with masters or stochastic
+// rounding take the one-pass kernel on the CPU (masters: torch's fused step on them elsewhere).
 void run_fused_adam(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList steps, const detail::AdamHyper& h,
-                    PerDeviceCopies& scales, PerDeviceCopies& infs) {
+                    at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList masters,
+                    const detail::AdamHyper& h, PerDeviceCopies& scales, PerDeviceCopies& infs) {
+  const LowpLayout layout{masters, h.low_precision.stochastic_rounding};
   for (const auto& idx : group_by_device_and_dtype(params)) {
     const c10::Device device = params[idx[0]].device();
     const auto p = pick(params, idx);
@@ -265,32 +447,46 @@ void run_fused_adam(at::TensorList params, at::TensorList grads, at::TensorList 
     const auto v = pick(exp_avg_sqs, idx);
     const auto vmax = pick(max_exp_avg_sqs, idx);
     const auto s = pick(steps, idx);
+    const auto mst = pick(masters, idx);
     const at::Tensor fi = infs.get(device);
     const auto gs_opt = optional_of(scales.get(device));
     const auto fi_opt = optional_of(fi);
+    auto fused = [&](at::TensorList ps, at::TensorList gs) {
+      with_lr(h, device, [&](const auto& lr) {
+        if (h.decoupled_weight_decay) {
+          at::_fused_adamw_(ps, gs, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
+                            gs_opt, fi_opt);
+        } else {
+          at::_fused_adam_(ps, gs, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
+                           gs_opt, fi_opt);
+        }
+      });
+    };
     at::_foreach_add_(s, 1);
-    with_lr(h, device, [&](const auto& lr) {
-      if (h.decoupled_weight_decay) {
-        at::_fused_adamw_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
-                          gs_opt, fi_opt);
-      } else {
-        at::_fused_adam_(p, g, m, v, vmax, s, lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.amsgrad, h.maximize,
-                         gs_opt, fi_opt);
-      }
-    });
+    const at::Tensor& first = params[idx[0]];
+    if ((layout.master_of(first) || layout.rounded(first)) && device.is_cpu()) {
+      run_adam_lowp_cpu(p, g, mst, m, v, vmax, s, h, scales.get(device), fi, idx);
+    } else if (layout.master_of(first)) {
+      run_master_composed(p, g, mst, fused);
+    } else {
+      fused(p, g);
+    }
     if (fi.defined()) at::_foreach_sub_(s, std::vector<at::Tensor>(s.size(), fi));
   }
 }
 
+// SGD on bf16/fp16 parameters of the CPU in one pass per tensor: with masters, stochastically rounded
+// (\p steps: the counters that key the random bits, counted here), or neither (with momentum:
 // torch's CPU fused SGD kernel reads fp16/bf16 momentum buffers through a float pointer when
-// is_first_step is false (torch 2.13: garbage buffers, parameters not updated), so with momentum
-// those dtypes take this kernel: torch's fused arithmetic in float32 (its opmath type), in the same
-// order of operations, one pass over each tensor. On the CPU the inf flag and the scale are read on
-// the host (no device to sync with) and a step to skip is not run at all.
-void run_sgd_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, const detail::SGDHyper& h,
-                      bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+// is_first_step is false, torch 2.13: garbage buffers, parameters not updated). torch's fused
+// arithmetic in float32 (its opmath type), in the same order of operations. On the CPU the inf flag
+// and the scale are read on the host (no device to sync with) and a step to skip is not run at all.
+void run_sgd_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
+                      at::TensorList steps, const detail::SGDHyper& h, bool is_first_step, const at::Tensor& grad_scale,
+                      const at::Tensor& found_inf, const std::vector<size_t>& indices) {
   if (detail::found_inf_is_set(found_inf)) return;
-  const detail::SgdLowpArgs args{h.lr_tensor.defined() ? h.lr_tensor.item<float>() : static_cast<float>(h.lr),
+  const bool stochastic = !steps.empty();
+  const detail::SgdLowpArgs args{static_cast<float>(lr_value(h.lr_tensor, h.lr)),
                                  static_cast<float>(h.momentum),
                                  static_cast<float>(1 - h.dampening),
                                  static_cast<float>(h.weight_decay),
@@ -298,28 +494,36 @@ void run_sgd_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                                  grad_scale.defined(),
                                  h.maximize,
                                  h.nesterov,
-                                 is_first_step};
+                                 is_first_step,
+                                 /*write_grad=*/masters.empty() && !stochastic};
   for (size_t i = 0; i < params.size(); ++i) {
-    // The kernel walks memory linearly: a non-contiguous tensor is worked on through a copy.
-    const at::Tensor p = params[i].contiguous(), g = grads[i].contiguous(), b = bufs[i].contiguous();
-    at::parallel_for(0, p.numel(), 32768, [&](int64_t begin, int64_t end) {
-      if (p.scalar_type() == at::kBFloat16) {
-        detail::sgd_lowp_range_bf16(p.data_ptr<c10::BFloat16>(), g.data_ptr<c10::BFloat16>(),
-                                    b.data_ptr<c10::BFloat16>(), begin, end, args);
-      } else {
-        detail::sgd_lowp_range_fp16(p.data_ptr<c10::Half>(), g.data_ptr<c10::Half>(), b.data_ptr<c10::Half>(), begin,
-                                    end, args);
-      }
-    });
-    if (!p.is_same(params[i])) params[i].copy_(p);
-    if (!g.is_same(grads[i]) && args.unscale) grads[i].copy_(g);
-    if (!b.is_same(bufs[i])) bufs[i].copy_(b);
+    ContiguousWork work;
+    detail::LowpTensors t;
+    t.param = work.ptr(params[i]);
+    t.grad = work.ptr(grads[i]);
+    t.master = masters.empty() ? nullptr : static_cast<float*>(work.ptr(masters[i]));
+    t.state[0] = bufs.empty() ? nullptr : work.ptr(bufs[i]);
+    t.param_dtype = lowp_dtype(params[i].scalar_type());
+    t.state_dtype = bufs.empty() ? detail::LowpDtype::fp32 : lowp_dtype(bufs[i].scalar_type());
+    if (stochastic) {
+      steps[i].add_(1);
+      t.stochastic = true;
+      t.rounding_key = detail::rounding_key(
+          static_cast<std::uint64_t>(h.low_precision.seed), static_cast<std::uint64_t>(steps[i].item<float>()),
+          (static_cast<std::uint64_t>(h.low_precision.group_index) << 32) | indices[i]);
+    }
+    at::parallel_for(0, params[i].numel(), 32768,
+                     [&](int64_t begin, int64_t end) { detail::sgd_lowp_range(t, begin, end, args); });
+    work.finish(grads[i], args.write_grad && args.unscale);
   }
 }
 
-// torch's _fused_sgd over each device and dtype (run_sgd_lowp_cpu where its CPU kernel is wrong).
-void run_fused_sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   const detail::SGDHyper& h, bool is_first_step, PerDeviceCopies& scales, PerDeviceCopies& infs) {
+// torch's _fused_sgd over each device and dtype; run_sgd_lowp_cpu for bf16/fp16 CPU parameters with
+// masters, stochastic rounding or momentum (where torch's CPU kernel is wrong).
+void run_fused_sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList masters,
+                   at::TensorList steps, const detail::SGDHyper& h, bool is_first_step, PerDeviceCopies& scales,
+                   PerDeviceCopies& infs) {
+  const LowpLayout layout{masters, h.low_precision.stochastic_rounding};
   for (const auto& idx : group_by_device_and_dtype(params)) {
     const c10::Device device = params[idx[0]].device();
     const at::Tensor gs = scales.get(device);
@@ -327,23 +531,37 @@ void run_fused_sgd(at::TensorList params, at::TensorList grads, at::TensorList m
     const auto p = pick(params, idx);
     const auto g = pick(grads, idx);
     const auto b = pick(momentum_buffers, idx);
-    const auto dtype = params[idx[0]].scalar_type();
-    if (device.is_cpu() && h.momentum != 0 && (dtype == at::kHalf || dtype == at::kBFloat16)) {
-      run_sgd_lowp_cpu(p, g, b, h, is_first_step, gs, fi);
-      continue;
+    const at::Tensor& first = params[idx[0]];
+    auto fused = [&](at::TensorList ps, at::TensorList grs) {
+      with_lr(h, device, [&](const auto& lr) {
+        at::_fused_sgd_(ps, grs, b, h.weight_decay, h.momentum, lr, h.dampening, h.nesterov, h.maximize, is_first_step,
+                        optional_of(gs), optional_of(fi));
+      });
+    };
+    const bool master = layout.master_of(first);
+    const bool rounded = layout.rounded(first);
+    if (device.is_cpu() && (master || rounded || (h.momentum != 0 && is_low_precision(first)))) {
+      run_sgd_lowp_cpu(p, g, b, master ? pick(masters, idx) : std::vector<at::Tensor>(),
+                       rounded ? pick(steps, idx) : std::vector<at::Tensor>(), h, is_first_step, gs, fi, idx);
+    } else if (master) {
+      run_master_composed(p, g, pick(masters, idx), fused);
+    } else {
+      fused(p, g);
     }
-    with_lr(h, device, [&](const auto& lr) {
-      at::_fused_sgd_(p, g, b, h.weight_decay, h.momentum, lr, h.dampening, h.nesterov, h.maximize, is_first_step,
-                      optional_of(gs), optional_of(fi));
-    });
   }
 }
 
 // ---- what the optimizer classes hand to the kernels ----
 
 template <class Options>
-detail::AdamHyper adam_hyper(const Options& o) {
+detail::LowPrecision low_precision_of(const Options& o, size_t group_index) {
+  return {o.stochastic_rounding(), o.seed(), static_cast<int64_t>(group_index)};
+}
+
+template <class Options>
+detail::AdamHyper adam_hyper(const Options& o, size_t group_index) {
   detail::AdamHyper h;
+  h.low_precision = low_precision_of(o, group_index);
   h.lr = o.lr();
   h.beta1 = std::get<0>(o.betas());
   h.beta2 = std::get<1>(o.betas());
@@ -355,8 +573,9 @@ detail::AdamHyper adam_hyper(const Options& o) {
   return h;
 }
 
-detail::SGDHyper sgd_hyper(const SGDOptions& o) {
+detail::SGDHyper sgd_hyper(const SGDOptions& o, size_t group_index) {
   detail::SGDHyper h;
+  h.low_precision = low_precision_of(o, group_index);
   h.lr = o.lr();
   h.momentum = o.momentum();
   h.dampening = o.dampening();
@@ -366,13 +585,22 @@ detail::SGDHyper sgd_hyper(const SGDOptions& o) {
   return h;
 }
 
+// A state tensor of \p p in \p dtype: zeros where there is none yet, the existing one otherwise
+// (converted where the options changed the dtype since it was made).
+at::Tensor state_like(const at::Tensor& existing, const at::Tensor& p, at::ScalarType dtype) {
+  if (!existing.defined()) return at::zeros_like(p, p.options().dtype(dtype), at::MemoryFormat::Preserve);
+  return existing.to(dtype);
+}
+
 // The parameters with a grad of one Adam group and their state, created where missing as torch's
-// fused _init_group creates it: zeros, and a float32 step on the param's device.
+// fused _init_group creates it: zeros, and a float32 step on the param's device; with master
+// weights the masters (copies of the parameters) and float32 moments.
 struct AdamLists {
-  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters;
 };
 
-AdamLists adam_lists_of(const OptimizerParamGroup& group, bool amsgrad,
+template <class Options>
+AdamLists adam_lists_of(const OptimizerParamGroup& group, const Options& o,
                         ska::flat_hash_map<void*, std::unique_ptr<OptimizerParamState>>& state) {
   AdamLists l;
   for (const auto& p : group.params()) {
@@ -381,30 +609,35 @@ AdamLists adam_lists_of(const OptimizerParamGroup& group, bool amsgrad,
     if (!slot) {
       auto s = std::make_unique<AdamParamState>();
       s->step(at::zeros({}, p.options().dtype(at::kFloat)));
-      s->exp_avg(at::zeros_like(p, at::MemoryFormat::Preserve));
-      s->exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
       slot = std::move(s);
     }
     auto& s = static_cast<AdamParamState&>(*slot);
+    const at::ScalarType dtype = state_dtype_for(p, o);
+    s.exp_avg(state_like(s.exp_avg(), p, dtype));
+    s.exp_avg_sq(state_like(s.exp_avg_sq(), p, dtype));
     // Also where amsgrad was switched on after some steps (torch would fail): the maximum starts at zero.
-    if (amsgrad && !s.max_exp_avg_sq().defined()) s.max_exp_avg_sq(at::zeros_like(p, at::MemoryFormat::Preserve));
+    if (o.amsgrad()) s.max_exp_avg_sq(state_like(s.max_exp_avg_sq(), p, dtype));
+    s.master(master_for(p, o, s.master()));
     l.params.push_back(p);
     l.grads.push_back(p.grad());
     l.exp_avgs.push_back(s.exp_avg());
     l.exp_avg_sqs.push_back(s.exp_avg_sq());
-    if (amsgrad) l.max_exp_avg_sqs.push_back(s.max_exp_avg_sq());
+    if (o.amsgrad()) l.max_exp_avg_sqs.push_back(s.max_exp_avg_sq());
     l.steps.push_back(s.step());
+    if (o.master_weights()) l.masters.push_back(s.master().defined() ? s.master() : p);
   }
   return l;
 }
 
 // The parameters with a grad of one SGD group, sorted by how their step runs.
 struct SgdLists {
-  std::vector<at::Tensor> params, grads, bufs;
-  void add(const at::Tensor& p, const at::Tensor& buf) {
+  std::vector<at::Tensor> params, grads, bufs, masters, steps;
+  void add(const at::Tensor& p, const at::Tensor& buf, const SGDParamState* s, const SGDOptions& o) {
     params.push_back(p);
     grads.push_back(p.grad());
     if (buf.defined()) bufs.push_back(buf);
+    if (o.master_weights()) masters.push_back(s != nullptr && s->master().defined() ? s->master() : p);
+    if (o.stochastic_rounding()) steps.push_back(s->step());
   }
 };
 struct SgdGroupPlan {
@@ -412,27 +645,48 @@ struct SgdGroupPlan {
   SgdLists first_dampened;  // the first step with dampening != 0: buffers that become state if it ran
 };
 
-SgdGroupPlan plan_sgd_group(const OptimizerParamGroup& group, const detail::SGDHyper& h,
+// The state of \p p before a step: the master and the rounding counter that the options ask for
+// (made here: a skipped step leaves them as made), the momentum buffer in its dtype. Null where p
+// needs none of them yet (plain SGD, or a first dampened step: its buffer becomes state only if the
+// step runs).
+SGDParamState* sgd_state_of(const at::Tensor& p, const SGDOptions& o, bool keep_buffer,
+                            ska::flat_hash_map<void*, std::unique_ptr<OptimizerParamState>>& state) {
+  auto it = state.find(p.unsafeGetTensorImpl());
+  SGDParamState* s = it == state.end() ? nullptr : static_cast<SGDParamState*>(it->second.get());
+  const bool master = is_low_precision(p) && o.master_weights();
+  const bool counter = o.stochastic_rounding();
+  if (s == nullptr && !(master || counter || keep_buffer)) return nullptr;
+  if (s == nullptr) {
+    auto made = std::make_unique<SGDParamState>();
+    s = made.get();
+    state[p.unsafeGetTensorImpl()] = std::move(made);
+  }
+  s->master(master_for(p, o, s->master()));
+  if (counter && !s->step().defined()) s->step(at::zeros({}, p.options().dtype(at::kFloat)));
+  if (s->momentum_buffer().defined()) s->momentum_buffer(s->momentum_buffer().to(state_dtype_for(p, o)));
+  return s;
+}
+
+SgdGroupPlan plan_sgd_group(const OptimizerParamGroup& group, const SGDOptions& o, const detail::SGDHyper& h,
                             ska::flat_hash_map<void*, std::unique_ptr<OptimizerParamState>>& state) {
   SgdGroupPlan plan;
   for (const auto& p : group.params()) {
     if (!p.grad().defined()) continue;
+    const at::ScalarType dtype = state_dtype_for(p, o);
     if (h.momentum == 0) {
-      plan.ordinary.add(p, at::Tensor());
+      plan.ordinary.add(p, at::Tensor(), sgd_state_of(p, o, false, state), o);
       continue;
     }
-    auto it = state.find(p.unsafeGetTensorImpl());
-    if (it != state.end() && static_cast<SGDParamState&>(*it->second).momentum_buffer().defined()) {
-      plan.ordinary.add(p, static_cast<SGDParamState&>(*it->second).momentum_buffer());
+    SGDParamState* s = sgd_state_of(p, o, h.dampening == 0, state);
+    if (s != nullptr && s->momentum_buffer().defined()) {
+      plan.ordinary.add(p, s->momentum_buffer(), s, o);
     } else if (h.dampening == 0) {
       // momentum * 0 + 1 * grad == grad: the ordinary update is torch's first step, and a skipped
       // step leaves the zeros as they were.
-      auto s = std::make_unique<SGDParamState>();
-      s->momentum_buffer(at::zeros_like(p, at::MemoryFormat::Preserve));
-      plan.ordinary.add(p, s->momentum_buffer());
-      state[p.unsafeGetTensorImpl()] = std::move(s);
+      s->momentum_buffer(state_like(at::Tensor(), p, dtype));
+      plan.ordinary.add(p, s->momentum_buffer(), s, o);
     } else {
-      plan.first_dampened.add(p, at::zeros_like(p, at::MemoryFormat::Preserve));
+      plan.first_dampened.add(p, state_like(at::Tensor(), p, dtype), s, o);
     }
   }
   return plan;
@@ -443,31 +697,74 @@ SgdGroupPlan plan_sgd_group(const OptimizerParamGroup& group, const detail::SGDH
 void sgd_first_dampened_step(const SgdLists& l, const detail::SGDHyper& h, const at::Tensor& found_inf,
                              PerDeviceCopies& scales, PerDeviceCopies& infs,
                              ska::flat_hash_map<void*, std::unique_ptr<OptimizerParamState>>& state) {
-  run_fused_sgd(l.params, l.grads, l.bufs, h, /*is_first_step=*/true, scales, infs);
+  run_fused_sgd(l.params, l.grads, l.bufs, l.masters, l.steps, h, /*is_first_step=*/true, scales, infs);
   if (detail::found_inf_is_set(found_inf)) return;
   for (size_t i = 0; i < l.params.size(); ++i) {
-    auto s = std::make_unique<SGDParamState>();
-    s->momentum_buffer(l.bufs[i]);
-    state[l.params[i].unsafeGetTensorImpl()] = std::move(s);
+    auto& slot = state[l.params[i].unsafeGetTensorImpl()];
+    if (!slot) slot = std::make_unique<SGDParamState>();
+    static_cast<SGDParamState&>(*slot).momentum_buffer(l.bufs[i]);
   }
 }
 
-void fix_adam_state(const char* who, AdamParamState& s, const at::Tensor& p) {
+// A loaded master: float32 of the parameter's shape, on its device; dropped where the options
+// want none (master_for).
+template <class Options>
+at::Tensor place_master(const char* who, const at::Tensor& t, const at::Tensor& p, const Options& o) {
+  return master_for(p, o, place_like(who, "master", t, p, at::kFloat));
+}
+
+template <class Options>
+void fix_adam_state(const char* who, AdamParamState& s, const at::Tensor& p, const Options& o) {
   s.step(place_step(who, s.step(), p));
   TORCH_CHECK_VALUE(s.exp_avg().defined() && s.exp_avg_sq().defined(), who,
                     ".load: expected states 'exp_avg' and 'exp_avg_sq' in the archive");
-  s.exp_avg(place_like(who, "exp_avg", s.exp_avg(), p));
-  s.exp_avg_sq(place_like(who, "exp_avg_sq", s.exp_avg_sq(), p));
-  s.max_exp_avg_sq(place_like(who, "max_exp_avg_sq", s.max_exp_avg_sq(), p));
+  const at::ScalarType dtype = state_dtype_for(p, o);
+  s.exp_avg(place_like(who, "exp_avg", s.exp_avg(), p, dtype));
+  s.exp_avg_sq(place_like(who, "exp_avg_sq", s.exp_avg_sq(), p, dtype));
+  s.max_exp_avg_sq(place_like(who, "max_exp_avg_sq", s.max_exp_avg_sq(), p, dtype));
+  s.master(place_master(who, s.master(), p, o));
 }
 
 }  // namespace
 
 // ---- options ----
 
+// The low-precision options, the same in every options type.
+template <class Options>
+void check_low_precision(const Options& o) {
+  const char* who = Options::kName;
+  TORCH_CHECK_VALUE(!(o.master_weights() && o.stochastic_rounding()), who,
+                    ": expected at most one of master_weights and stochastic_rounding, got both");
+  TORCH_CHECK_VALUE(o.state_dtype() == at::kFloat || o.state_dtype() == at::kBFloat16, who,
+                    ": expected state_dtype float32 or bfloat16, got ", o.state_dtype());
+  TORCH_CHECK_VALUE(o.state_dtype() == at::kFloat || o.stochastic_rounding(), who,
+                    ": expected state_dtype bfloat16 only with stochastic_rounding (master weights keep float32 "
+                    "states), got state_dtype ",
+                    o.state_dtype(), " without it");
+}
+
+template <class Options>
+void write_low_precision(torch::serialize::OutputArchive& archive, const Options& o) {
+  archive.write("master_weights", c10::IValue(o.master_weights()));
+  archive.write("stochastic_rounding", c10::IValue(o.stochastic_rounding()));
+  archive.write("state_dtype", c10::IValue(static_cast<int64_t>(o.state_dtype())));
+  archive.write("seed", c10::IValue(o.seed()));
+}
+
+// Archives of versions before the low-precision options hold none of them: the defaults stay.
+template <class Options>
+void read_low_precision(torch::serialize::InputArchive& archive, Options& o) {
+  c10::IValue v;
+  if (archive.try_read("master_weights", v)) o.master_weights(v.toBool());
+  if (archive.try_read("stochastic_rounding", v)) o.stochastic_rounding(v.toBool());
+  if (archive.try_read("state_dtype", v)) o.state_dtype(static_cast<c10::ScalarType>(v.toInt()));
+  if (archive.try_read("seed", v)) o.seed(v.toInt());
+}
+
 template <bool D>
 void AdamFamilyOptions<D>::validate() const {
   check_adam_like(kName, lr(), eps(), weight_decay(), betas());
+  check_low_precision(*this);
 }
 
 void SGDOptions::validate() const {
@@ -478,6 +775,7 @@ void SGDOptions::validate() const {
   TORCH_CHECK_VALUE(!nesterov() || (momentum() > 0 && dampening() == 0),
                     "SGD: expected momentum > 0 and dampening == 0 with nesterov=true, got momentum ", momentum(),
                     " and dampening ", dampening());
+  check_low_precision(*this);
 }
 
 template <bool D>
@@ -488,6 +786,7 @@ void AdamFamilyOptions<D>::serialize(torch::serialize::OutputArchive& archive) c
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+  write_low_precision(archive, *this);
 }
 
 template <bool D>
@@ -498,6 +797,7 @@ void AdamFamilyOptions<D>::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, amsgrad);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
+  read_low_precision(archive, *this);
 }
 
 template struct AdamFamilyOptions<false>;
@@ -510,6 +810,7 @@ void SGDOptions::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+  write_low_precision(archive, *this);
 }
 
 void SGDOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -519,11 +820,14 @@ void SGDOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, maximize);
+  read_low_precision(archive, *this);
 }
 
 bool operator==(const SGDOptions& a, const SGDOptions& b) {
   return a.lr() == b.lr() && a.momentum() == b.momentum() && a.dampening() == b.dampening() &&
-         a.weight_decay() == b.weight_decay() && a.nesterov() == b.nesterov() && a.maximize() == b.maximize();
+         a.weight_decay() == b.weight_decay() && a.nesterov() == b.nesterov() && a.maximize() == b.maximize() &&
+         a.master_weights() == b.master_weights() && a.stochastic_rounding() == b.stochastic_rounding() &&
+         a.state_dtype() == b.state_dtype() && a.seed() == b.seed();
 }
 
 // ---- param states ----
@@ -533,6 +837,7 @@ void AdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(exp_avg_sq);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(max_exp_avg_sq);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master);
 }
 
 void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
@@ -540,14 +845,19 @@ void AdamParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, exp_avg_sq);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, max_exp_avg_sq);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, master);
 }
 
 void SGDParamState::serialize(torch::serialize::OutputArchive& archive) const {
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(master);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
 }
 
 void SGDParamState::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, momentum_buffer);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, master);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(at::Tensor, step);
 }
 
 // ---- FusedOptimizer ----
@@ -570,8 +880,11 @@ void FusedOptimizer::step_scaled(const at::Tensor& grad_scale, const at::Tensor&
   const char* who = name();
   for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
     const auto& params = param_groups_[gi].params();
+    const bool rounded = stochastic_rounding(param_groups_[gi]);
     for (size_t j = 0; j < params.size(); ++j) {
-      if (params[j].grad().defined()) check_param_grad(who, params[j], params[j].grad(), {gi, j});
+      if (!params[j].grad().defined()) continue;
+      check_param_grad(who, params[j], params[j].grad(), {gi, j});
+      if (rounded) check_rounded_param(who, params[j], {gi, j});
     }
   }
   at::NoGradGuard no_grad;
@@ -598,15 +911,20 @@ void AdamFamily<Options>::check_groups() const {
   check_groups_of<Options>(param_groups_);
 }
 template <class Options>
+bool AdamFamily<Options>::stochastic_rounding(const OptimizerParamGroup& group) const {
+  return static_cast<const Options&>(group.options()).stochastic_rounding();
+}
+template <class Options>
 void AdamFamily<Options>::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
   auto scales = grad_scale_copies(grad_scale);
   auto infs = found_inf_copies(found_inf);
-  for (const auto& group : param_groups_) {
+  for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
+    const auto& group = param_groups_[gi];
     const auto& o = static_cast<const Options&>(group.options());
-    const AdamLists l = adam_lists_of(group, o.amsgrad(), state_);
+    const AdamLists l = adam_lists_of(group, o, state_);
     if (l.params.empty()) continue;
-    run_fused_adam(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.max_exp_avg_sqs, l.steps, adam_hyper(o), scales,
-                   infs);
+    run_fused_adam(l.params, l.grads, l.exp_avgs, l.exp_avg_sqs, l.max_exp_avg_sqs, l.steps, l.masters,
+                   adam_hyper(o, gi), scales, infs);
   }
 }
 template <class Options>
@@ -615,9 +933,9 @@ void AdamFamily<Options>::save(torch::serialize::OutputArchive& archive) const {
 }
 template <class Options>
 void AdamFamily<Options>::load(torch::serialize::InputArchive& archive) {
-  load_optimizer<AdamParamState, Options>(Options::kName, *this, archive, [](AdamParamState& s, const at::Tensor& p) {
-    fix_adam_state(Options::kName, s, p);
-  });
+  load_optimizer<AdamParamState, Options>(
+      Options::kName, *this, archive,
+      [](AdamParamState& s, const at::Tensor& p, const Options& o) { fix_adam_state(Options::kName, s, p, o); });
 }
 
 template class AdamFamily<AdamOptions>;
@@ -634,15 +952,22 @@ SGD::SGD(std::vector<at::Tensor> params, SGDOptions defaults)
 
 const char* SGD::name() const { return SGDOptions::kName; }
 void SGD::check_groups() const { check_groups_of<SGDOptions>(param_groups_); }
+bool SGD::stochastic_rounding(const OptimizerParamGroup& group) const {
+  return static_cast<const SGDOptions&>(group.options()).stochastic_rounding();
+}
 
 void SGD::fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) {
   auto scales = grad_scale_copies(grad_scale);
   auto infs = found_inf_copies(found_inf);
-  for (const auto& group : param_groups_) {
-    const detail::SGDHyper h = sgd_hyper(static_cast<const SGDOptions&>(group.options()));
-    const SgdGroupPlan plan = plan_sgd_group(group, h, state_);
+  for (size_t gi = 0; gi < param_groups_.size(); ++gi) {
+    const auto& group = param_groups_[gi];
+    const auto& o = static_cast<const SGDOptions&>(group.options());
+    const detail::SGDHyper h = sgd_hyper(o, gi);
+    const SgdGroupPlan plan = plan_sgd_group(group, o, h, state_);
     const SgdLists& l = plan.ordinary;
-    if (!l.params.empty()) run_fused_sgd(l.params, l.grads, l.bufs, h, /*is_first_step=*/false, scales, infs);
+    if (!l.params.empty()) {
+      run_fused_sgd(l.params, l.grads, l.bufs, l.masters, l.steps, h, /*is_first_step=*/false, scales, infs);
+    }
     if (!plan.first_dampened.params.empty()) {
       sgd_first_dampened_step(plan.first_dampened, h, found_inf, scales, infs, state_);
     }
@@ -654,9 +979,12 @@ void SGD::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void SGD::load(torch::serialize::InputArchive& archive) {
-  load_optimizer<SGDParamState, SGDOptions>("SGD", *this, archive, [](SGDParamState& s, const at::Tensor& p) {
-    s.momentum_buffer(place_like("SGD", "momentum_buffer", s.momentum_buffer(), p));
-  });
+  load_optimizer<SGDParamState, SGDOptions>(
+      "SGD", *this, archive, [](SGDParamState& s, const at::Tensor& p, const SGDOptions& o) {
+        s.momentum_buffer(place_like("SGD", "momentum_buffer", s.momentum_buffer(), p, state_dtype_for(p, o)));
+        s.master(place_master("SGD", s.master(), p, o));
+        if (s.step().defined()) s.step(place_step("SGD", s.step(), p));
+      });
 }
 
 // ---- the entry points of the Python optimizers: every list checked, then the kernels ----
@@ -672,17 +1000,19 @@ void check_scale_tensor(const at::Tensor& t, const char* name) {
 bool found_inf_is_set(const at::Tensor& found_inf) { return found_inf.defined() && found_inf.item<float>() != 0.0f; }
 
 void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                 at::TensorList max_exp_avg_sqs, at::TensorList steps, const AdamHyper& h, const at::Tensor& grad_scale,
-                 const at::Tensor& found_inf) {
+                 at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList masters, const AdamHyper& h,
+                 const at::Tensor& grad_scale, const at::Tensor& found_inf) {
   const char* who = h.decoupled_weight_decay ? AdamWOptions::kName : AdamOptions::kName;
   check_lr_tensor(who, h.lr_tensor);
   check_scale_tensor(grad_scale, "grad_scale");
   check_scale_tensor(found_inf, "found_inf");
   check_params_and_grads(who, params, grads);
-  check_state_list(who, "exp_avgs", exp_avgs, params, StateKind::like_param);
-  check_state_list(who, "exp_avg_sqs", exp_avg_sqs, params, StateKind::like_param);
+  const LowpLayout layout{masters, h.low_precision.stochastic_rounding};
+  check_lowp_layout(who, params, layout);
+  check_state_list(who, "exp_avgs", exp_avgs, params, StateKind::like_param, layout);
+  check_state_list(who, "exp_avg_sqs", exp_avg_sqs, params, StateKind::like_param, layout);
   if (h.amsgrad) {
-    check_state_list(who, "max_exp_avg_sqs", max_exp_avg_sqs, params, StateKind::like_param);
+    check_state_list(who, "max_exp_avg_sqs", max_exp_avg_sqs, params, StateKind::like_param, layout);
   } else {
     TORCH_CHECK_VALUE(max_exp_avg_sqs.empty(), who, ": expected no max_exp_avg_sqs without amsgrad, got ",
                       max_exp_avg_sqs.size());
@@ -691,18 +1021,26 @@ void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp
   if (params.empty()) return;
   auto scales = grad_scale_copies(grad_scale);
   auto infs = found_inf_copies(found_inf);
-  run_fused_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h, scales, infs);
+  run_fused_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, h, scales, infs);
 }
 
-void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const SGDHyper& h,
-                bool is_first_step, const at::Tensor& grad_scale, const at::Tensor& found_inf) {
+void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList masters,
+                at::TensorList steps, const SGDHyper& h, bool is_first_step, const at::Tensor& grad_scale,
+                const at::Tensor& found_inf) {
   const char* who = SGDOptions::kName;
   check_lr_tensor(who, h.lr_tensor);
   check_scale_tensor(grad_scale, "grad_scale");
   check_scale_tensor(found_inf, "found_inf");
   check_params_and_grads(who, params, grads);
+  const LowpLayout layout{masters, h.low_precision.stochastic_rounding};
+  check_lowp_layout(who, params, layout);
+  if (layout.stochastic) {
+    check_state_list(who, "state_steps", steps, params, StateKind::step);
+  } else {
+    TORCH_CHECK_VALUE(steps.empty(), who, ": expected no state_steps without stochastic_rounding, got ", steps.size());
+  }
   if (h.momentum != 0) {
-    check_state_list(who, "momentum_buffers", momentum_buffers, params, StateKind::like_param);
+    check_state_list(who, "momentum_buffers", momentum_buffers, params, StateKind::like_param, layout);
   } else {
     TORCH_CHECK_VALUE(momentum_buffers.empty(), who, ": expected no momentum_buffers with momentum 0, got ",
                       momentum_buffers.size());
@@ -710,7 +1048,7 @@ void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mome
   if (params.empty()) return;
   auto scales = grad_scale_copies(grad_scale);
   auto infs = found_inf_copies(found_inf);
-  run_fused_sgd(params, grads, momentum_buffers, h, is_first_step, scales, infs);
+  run_fused_sgd(params, grads, momentum_buffers, masters, steps, h, is_first_step, scales, infs);
 }
 
 }  // namespace detail

@@ -1,5 +1,12 @@
-// The one-pass CPU kernel of fp16/bf16 SGD with momentum (optim.cpp's sgd_lowp_cpu_): float32
-// arithmetic in the order of torch's fused SGD, rounded to the parameter dtype on store.
+// The one-pass CPU kernels of optim.cpp for fp16/bf16 parameters, in float32 arithmetic:
+// - SGD with momentum on fp16/bf16 buffers, in the order of torch's fused SGD (torch's own CPU kernel
+//   is wrong for them);
+// - SGD, Adam and AdamW with float32 master weights (the master and the states in float32, the
+//   parameter rewritten from the master), in the order of torch's fused float32 kernels, so that a
+//   master step equals torch's fused step on the master with the grad upcast;
+// - the same without a master, the update rounded stochastically into bf16 parameters, with the
+//   states in float32 or bf16.
+// Each reads every tensor once and writes it once per step.
 //
 // Speed comes from three things. The pass works on blocks of kBlock elements held in float32 on the
 // stack, one loop per arithmetic step, so no loop has a branch and each vectorizes. The body is
@@ -19,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -102,14 +110,86 @@ AMPKIT_INLINE void from_float(const float* __restrict__ src, T* __restrict__ dst
   for (int64_t i = 0; i < n; ++i) store(dst[i], src[i]);
 }
 
-// Per element the operations and their order are those of one scalar pass of torch's fused SGD:
-//   g = grad / scale (written back); g = -g if maximize; g = g + p * wd if wd != 0;
+// The random bits of stochastic rounding: a counter-based hash of (key, element index), so the
+// result depends on neither the thread split nor the instruction set, and a seed reproduces it.
+// lowbias32 (Chris Wellons' integer hash), branchless so that a block's loop vectorizes.
+AMPKIT_INLINE std::uint32_t mix32(std::uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// float32 -> bfloat16 rounded stochastically: the 16 bits below the bfloat16 are compared with
+// random ones (adding them carries into the kept bits with probability equal to the dropped
+// fraction), so the expected value is the float32 one. NaN stays a quiet NaN.
+AMPKIT_INLINE std::uint16_t stochastic_bf16_bits(float f, std::uint32_t random) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const auto rounded = static_cast<std::uint16_t>((bits + (random & 0xffffu)) >> 16);
+  return std::isnan(f) ? static_cast<std::uint16_t>(0x7fc0) : rounded;
+}
+
+// Stores a block of float32 results into the parameter: round to nearest, or (bf16 only)
+// stochastically with the random bits of elements [start, start + n).
+template <bool F16C, class T>
+AMPKIT_INLINE void store_param(const float* __restrict__ src, T* __restrict__ dst, int64_t start, int64_t n,
+                               const LowpTensors& t) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (t.stochastic) {
+      for (int64_t i = 0; i < n; ++i) {
+        const auto index = static_cast<std::uint32_t>(start + i);
+        dst[i].x = stochastic_bf16_bits(src[i], mix32(index * 0x9e3779b1u + t.rounding_key));
+      }
+      return;
+    }
+  }
+  from_float<F16C>(src, dst, n);
+}
+
+// A block of a state (float32 or the low-precision type) as float32, and back.
+template <bool F16C, class S>
+AMPKIT_INLINE void load_state(const S* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    to_float<F16C>(src, dst, n);
+  }
+}
+template <bool F16C, class S>
+AMPKIT_INLINE void store_state(const float* src, S* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    from_float<F16C>(src, dst, n);
+  }
+}
+
+// The parameter's value in float32: the master's, or the parameter's own.
+template <bool F16C, class T>
+AMPKIT_INLINE void load_param(const T* param, const float* master, float* dst, int64_t n) {
+  if (master != nullptr) {
+    std::copy(master, master + n, dst);
+  } else {
+    to_float<F16C>(param, dst, n);
+  }
+}
+
+// SGD. Per element the operations and their order are those of one scalar pass of torch's fused
+// SGD:
+//   g = grad / scale (written back only if write_grad); g = -g if maximize; g = g + p * wd if wd != 0;
 //   b = first step ? g : b * momentum + g * (1 - dampening); d = nesterov ? g + b * momentum : b;
 //   p = p - d * lr.
-// The flags are tested once per block.
-template <bool F16C, class T>
-AMPKIT_INLINE void sgd_lowp_range(T* __restrict__ param, T* __restrict__ grad, T* __restrict__ buf, int64_t begin,
-                                  int64_t end, const SgdLowpArgs& a) {
+// p is the master's value where there is one (then written back to it), b the momentum buffer
+// (float32 or T; absent with momentum 0). The flags are tested once per block.
+template <bool F16C, class T, class S>
+AMPKIT_INLINE void sgd_range(const LowpTensors& t, int64_t begin, int64_t end, const SgdLowpArgs& a) {
+  auto* __restrict__ param = static_cast<T*>(t.param);
+  auto* __restrict__ grad = static_cast<T*>(t.grad);
+  float* __restrict__ master = t.master;
+  auto* __restrict__ buf = static_cast<S*>(t.state[0]);
   const float lr = a.lr, momentum = a.momentum, keep = a.keep, weight_decay = a.weight_decay;
   const float grad_scale = a.grad_scale;
   alignas(64) float g[kBlock], p[kBlock], b[kBlock];
@@ -118,44 +198,151 @@ AMPKIT_INLINE void sgd_lowp_range(T* __restrict__ param, T* __restrict__ grad, T
     to_float<F16C>(grad + start, g, n);
     if (a.unscale) {
       for (int64_t i = 0; i < n; ++i) g[i] = g[i] / grad_scale;
-      from_float<F16C>(g, grad + start, n);  // the fused kernels leave the grads unscaled
+      if (a.write_grad) from_float<F16C>(g, grad + start, n);  // torch's fused kernels leave grads unscaled
     }
     if (a.maximize) {
       for (int64_t i = 0; i < n; ++i) g[i] = -g[i];
     }
-    to_float<F16C>(param + start, p, n);
+    load_param<F16C>(param + start, master == nullptr ? nullptr : master + start, p, n);
     if (weight_decay != 0.0f) {
       for (int64_t i = 0; i < n; ++i) g[i] = g[i] + p[i] * weight_decay;
     }
-    if (a.first_step) {
-      std::copy(g, g + n, b);
-    } else {
-      to_float<F16C>(buf + start, b, n);
-      for (int64_t i = 0; i < n; ++i) b[i] = b[i] * momentum + g[i] * keep;
+    const float* d = g;  // the direction
+    if (buf != nullptr) {
+      if (a.first_step) {
+        std::copy(g, g + n, b);
+      } else {
+        load_state<F16C>(buf + start, b, n);
+        for (int64_t i = 0; i < n; ++i) b[i] = b[i] * momentum + g[i] * keep;
+      }
+      store_state<F16C>(b, buf + start, n);
+      if (a.nesterov) {
+        for (int64_t i = 0; i < n; ++i) b[i] = g[i] + b[i] * momentum;
+      }
+      d = b;
     }
-    from_float<F16C>(b, buf + start, n);
-    if (a.nesterov) {
-      for (int64_t i = 0; i < n; ++i) b[i] = g[i] + b[i] * momentum;  // b now holds the direction
-    }
-    for (int64_t i = 0; i < n; ++i) p[i] = p[i] - b[i] * lr;
-    from_float<F16C>(p, param + start, n);
+    for (int64_t i = 0; i < n; ++i) p[i] = p[i] - d[i] * lr;
+    if (master != nullptr) std::copy(p, p + n, master + start);
+    store_param<F16C>(p, param + start, start, n, t);
   }
 }
 
-#if defined(AMPKIT_X86_DISPATCH)
-// One copy of the pass per instruction set; sgd_lowp_range is inlined into each, so each copy is
-// compiled and vectorized for its target.
-// The copies are overloads (one name per instruction set, one overload per dtype), so that
-// sgd_lowp_for_cpu below picks among them for either dtype.
-#define AMPKIT_DEFINE_TARGET(suffix, features, T)                                                        \
-  __attribute__((target(features))) void sgd_lowp_##suffix(T* p, T* g, T* b, int64_t begin, int64_t end, \
-                                                           const SgdLowpArgs& a) {                       \
-    sgd_lowp_range<true>(p, g, b, begin, end, a);                                                        \
+// Adam and AdamW in the arithmetic of torch's fused float32 CPU kernel (FusedAdamKernel.cpp):
+//   g = grad / scale; g = -g if maximize; Adam: g = g + p * wd, AdamW: p = p * (1 - lr * wd);
+//   m = lerp(m, g, 1 - beta1), as torch's vectorized lerp: w < 0.5 ? m + w * (g - m)
+//       : g + (w - 1) * (g - m); v = v * beta2 + ((1 - beta2) * g) * g;
+//   vmax = max(vmax, v) if amsgrad; p = p + (-step_size * m) / (sqrt(v or vmax) / bc2_sqrt + eps).
+// Where torch's kernel runs with FMA (its AVX2 and AVX-512 builds) three of these are fused
+// multiply-adds: its lerp calls vec::fmadd, and the compiler contracts g + p * wd into fma(p, wd, g)
+// and the second moment into fma((1 - beta2) * g, g, v * beta2) (found by comparing candidates
+// with torch's results bitwise; tests/python/test_low_precision.py keeps checking). a.fma says
+// which; without it every product and sum is rounded on its own (its baseline build).
+template <bool F16C, class T, class S>
+AMPKIT_INLINE void adam_range(const LowpTensors& t, int64_t begin, int64_t end, const AdamLowpArgs& a) {
+  auto* __restrict__ param = static_cast<T*>(t.param);
+  auto* __restrict__ grad = static_cast<T*>(t.grad);
+  float* __restrict__ master = t.master;
+  auto* __restrict__ exp_avg = static_cast<S*>(t.state[0]);
+  auto* __restrict__ exp_avg_sq = static_cast<S*>(t.state[1]);
+  auto* __restrict__ max_exp_avg_sq = static_cast<S*>(t.state[2]);
+  const float w = a.lerp_weight, w1 = a.lerp_weight - 1.0f, beta2 = a.beta2, sq_coeff = a.sq_coeff;
+  const float bc2_sqrt = a.bc2_sqrt, eps = a.eps, neg_step_size = a.neg_step_size;
+  const float weight_decay = a.weight_decay, decay_keep = a.decay_keep, grad_scale = a.grad_scale;
+  const bool small_weight = std::abs(w) < 0.5f;
+  alignas(64) float g[kBlock], p[kBlock], m[kBlock], v[kBlock], vm[kBlock];
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t n = std::min(kBlock, end - start);
+    to_float<F16C>(grad + start, g, n);
+    if (a.unscale) {
+      for (int64_t i = 0; i < n; ++i) g[i] = g[i] / grad_scale;
+    }
+    if (a.maximize) {
+      for (int64_t i = 0; i < n; ++i) g[i] = -g[i];
+    }
+    load_param<F16C>(param + start, master == nullptr ? nullptr : master + start, p, n);
+    if (weight_decay != 0.0f) {
+      if (a.decoupled) {
+        for (int64_t i = 0; i < n; ++i) p[i] = p[i] * decay_keep;
+      } else if (a.fma) {
+        for (int64_t i = 0; i < n; ++i) g[i] = std::fma(p[i], weight_decay, g[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) g[i] = g[i] + p[i] * weight_decay;
+      }
+    }
+    load_state<F16C>(exp_avg + start, m, n);
+    if (a.fma) {
+      if (small_weight) {
+        for (int64_t i = 0; i < n; ++i) m[i] = std::fma(w, g[i] - m[i], m[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) m[i] = std::fma(w1, g[i] - m[i], g[i]);
+      }
+    } else if (small_weight) {
+      for (int64_t i = 0; i < n; ++i) m[i] = m[i] + w * (g[i] - m[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) m[i] = g[i] + w1 * (g[i] - m[i]);
+    }
+    store_state<F16C>(m, exp_avg + start, n);
+    load_state<F16C>(exp_avg_sq + start, v, n);
+    if (a.fma) {
+      for (int64_t i = 0; i < n; ++i) v[i] = std::fma(sq_coeff * g[i], g[i], v[i] * beta2);
+    } else {
+      for (int64_t i = 0; i < n; ++i) v[i] = v[i] * beta2 + sq_coeff * g[i] * g[i];
+    }
+    store_state<F16C>(v, exp_avg_sq + start, n);
+    const float* second = v;
+    if (max_exp_avg_sq != nullptr) {
+      load_state<F16C>(max_exp_avg_sq + start, vm, n);
+      for (int64_t i = 0; i < n; ++i) vm[i] = std::max(vm[i], v[i]);
+      store_state<F16C>(vm, max_exp_avg_sq + start, n);
+      second = vm;
+    }
+    for (int64_t i = 0; i < n; ++i) p[i] = p[i] + neg_step_size * m[i] / (std::sqrt(second[i]) / bc2_sqrt + eps);
+    if (master != nullptr) std::copy(p, p + n, master + start);
+    store_param<F16C>(p, param + start, start, n, t);
   }
-AMPKIT_DEFINE_TARGET(avx512, "avx512f,avx512bw,avx512vl,avx2,f16c", c10::BFloat16)
-AMPKIT_DEFINE_TARGET(avx512, "avx512f,avx512bw,avx512vl,avx2,f16c", c10::Half)
-AMPKIT_DEFINE_TARGET(avx2, "avx2,f16c", c10::BFloat16)
-AMPKIT_DEFINE_TARGET(avx2, "avx2,f16c", c10::Half)
+}
+
+// Every (parameter, state) type pair the optimizers use: the state in the parameter's type (SGD's
+// momentum without a master) or in float32 (master weights, stochastic rounding), or bf16 states
+// for bf16 parameters. Calls \p run with one of each.
+template <class Run>
+AMPKIT_INLINE void with_types(const LowpTensors& t, Run&& run) {
+  const bool half = t.param_dtype == LowpDtype::fp16;
+  if (t.state_dtype == LowpDtype::fp32) {
+    if (half) return run(c10::Half(), float());
+    return run(c10::BFloat16(), float());
+  }
+  if (half) return run(c10::Half(), c10::Half());
+  return run(c10::BFloat16(), c10::BFloat16());
+}
+
+template <bool F16C>
+AMPKIT_INLINE void sgd_any(const LowpTensors& t, int64_t begin, int64_t end, const SgdLowpArgs& a) {
+  with_types(t, [&](auto param_type, auto state_type) {
+    sgd_range<F16C, decltype(param_type), decltype(state_type)>(t, begin, end, a);
+  });
+}
+template <bool F16C>
+AMPKIT_INLINE void adam_any(const LowpTensors& t, int64_t begin, int64_t end, const AdamLowpArgs& a) {
+  with_types(t, [&](auto param_type, auto state_type) {
+    adam_range<F16C, decltype(param_type), decltype(state_type)>(t, begin, end, a);
+  });
+}
+
+#if defined(AMPKIT_X86_DISPATCH)
+// One copy of each pass per instruction set; the passes are inlined into each, so each copy is
+// compiled and vectorized for its target (fma: std::fma becomes one instruction).
+#define AMPKIT_DEFINE_TARGET(suffix, features)                                                     \
+  __attribute__((target(features))) void sgd_##suffix(const LowpTensors& t, int64_t b, int64_t e,  \
+                                                      const SgdLowpArgs& a) {                      \
+    sgd_any<true>(t, b, e, a);                                                                     \
+  }                                                                                                \
+  __attribute__((target(features))) void adam_##suffix(const LowpTensors& t, int64_t b, int64_t e, \
+                                                       const AdamLowpArgs& a) {                    \
+    adam_any<true>(t, b, e, a);                                                                    \
+  }
+AMPKIT_DEFINE_TARGET(avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+AMPKIT_DEFINE_TARGET(avx2, "avx2,fma,f16c")
 #undef AMPKIT_DEFINE_TARGET
 
 enum class Isa { avx512, avx2, baseline };
@@ -166,7 +353,7 @@ enum class Isa { avx512, avx2, baseline };
 Isa cpu_isa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl");
     const char* env = std::getenv("ATEN_CPU_CAPABILITY");
@@ -179,30 +366,39 @@ Isa cpu_isa() {
 }
 #endif
 
-// The copy of the pass that this CPU runs, for either dtype.
-template <class T>
-void sgd_lowp_for_cpu(T* param, T* grad, T* buf, int64_t begin, int64_t end, const SgdLowpArgs& args) {
+}  // namespace
+
+void sgd_lowp_range(const LowpTensors& tensors, int64_t begin, int64_t end, const SgdLowpArgs& args) {
 #if defined(AMPKIT_X86_DISPATCH)
   switch (cpu_isa()) {
-    case Isa::avx512: return sgd_lowp_avx512(param, grad, buf, begin, end, args);
-    case Isa::avx2: return sgd_lowp_avx2(param, grad, buf, begin, end, args);
+    case Isa::avx512: return sgd_avx512(tensors, begin, end, args);
+    case Isa::avx2: return sgd_avx2(tensors, begin, end, args);
     case Isa::baseline: break;
   }
 #endif
-  sgd_lowp_range<false>(param, grad, buf, begin, end, args);
+  sgd_any<false>(tensors, begin, end, args);
 }
 
-}  // namespace
-
-// One dispatcher per dtype (the same switch twice): each ISA copy is its own symbol per dtype.
-void sgd_lowp_range_bf16(c10::BFloat16* param, c10::BFloat16* grad, c10::BFloat16* buf, int64_t begin, int64_t end,
-                         const SgdLowpArgs& args) {
-  sgd_lowp_for_cpu(param, grad, buf, begin, end, args);
+void adam_lowp_range(const LowpTensors& tensors, int64_t begin, int64_t end, const AdamLowpArgs& args) {
+#if defined(AMPKIT_X86_DISPATCH)
+  switch (cpu_isa()) {
+    case Isa::avx512: return adam_avx512(tensors, begin, end, args);
+    case Isa::avx2: return adam_avx2(tensors, begin, end, args);
+    case Isa::baseline: break;
+  }
+#endif
+  adam_any<false>(tensors, begin, end, args);
 }
 
-void sgd_lowp_range_fp16(c10::Half* param, c10::Half* grad, c10::Half* buf, int64_t begin, int64_t end,
-                         const SgdLowpArgs& args) {
-  sgd_lowp_for_cpu(param, grad, buf, begin, end, args);
+std::uint32_t rounding_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor_index) {
+  // splitmix64 over the three, so that neighbouring seeds, steps and tensors draw unrelated bits.
+  auto splitmix = [](std::uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  return static_cast<std::uint32_t>(splitmix(splitmix(splitmix(seed) ^ step) ^ tensor_index));
 }
 
 }  // namespace ampkit::optim::detail

@@ -7,26 +7,36 @@ namespace ampkit::python {
 // dicts and hooks work) and keep their state in Python; each step calls the operators
 // torch.ops.ampkit.fused_adam_ / fused_sgd_ (csrc/ops.cpp), the code ampkit::optim's C++
 // optimizers run. Here: the option checks the C++ options classes make.
+namespace {
+// The low-precision options, set the same way on either options type.
+template <class Options>
+Options& with_low_precision(Options& o, bool master_weights, bool stochastic_rounding, c10::ScalarType state_dtype) {
+  return o.master_weights(master_weights).stochastic_rounding(stochastic_rounding).state_dtype(state_dtype);
+}
+}  // namespace
+
 void bind_optim(py::module_& m) {
   m.def(
       "_check_sgd_options",
-      [](double lr, double momentum, double dampening, double weight_decay, bool nesterov) {
-        optim::SGDOptions(lr)
-            .momentum(momentum)
-            .dampening(dampening)
-            .weight_decay(weight_decay)
-            .nesterov(nesterov)
-            .validate();
+      [](double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool master_weights,
+         bool stochastic_rounding, c10::ScalarType state_dtype) {
+        auto o =
+            optim::SGDOptions(lr).momentum(momentum).dampening(dampening).weight_decay(weight_decay).nesterov(nesterov);
+        with_low_precision(o, master_weights, stochastic_rounding, state_dtype).validate();
       },
       py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
+      py::arg("master_weights"), py::arg("stochastic_rounding"), py::arg("state_dtype"),
       "Raises ValueError, naming the option, unless SGD's options are valid.");
 
   m.def(
       "_check_adam_options",
-      [](double lr, double beta1, double beta2, double eps, double weight_decay) {
-        optim::AdamOptions(lr).betas({beta1, beta2}).eps(eps).weight_decay(weight_decay).validate();
+      [](double lr, double beta1, double beta2, double eps, double weight_decay, bool master_weights,
+         bool stochastic_rounding, c10::ScalarType state_dtype) {
+        auto o = optim::AdamOptions(lr).betas({beta1, beta2}).eps(eps).weight_decay(weight_decay);
+        with_low_precision(o, master_weights, stochastic_rounding, state_dtype).validate();
       },
       py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+      py::arg("master_weights"), py::arg("stochastic_rounding"), py::arg("state_dtype"),
       "Raises ValueError, naming the option, unless Adam's / AdamW's options are valid.");
 }
 

@@ -22,6 +22,7 @@
 #include <ampkit/grad_scaler.h>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
 #include <torch/arg.h>
 #include <torch/optim/optimizer.h>
@@ -52,10 +53,22 @@ struct AdamFamilyOptions : public torch::optim::OptimizerCloneableOptions<AdamFa
   TORCH_ARG(double, weight_decay) = DecoupledWeightDecay ? 1e-2 : 0.0;
   TORCH_ARG(bool, amsgrad) = false;
   TORCH_ARG(bool, maximize) = false;
+  /// Keep a float32 master copy of every bf16/fp16 parameter (and float32 states): each step reads
+  /// the low-precision grad, updates the master and writes the parameter rounded to nearest.
+  /// float32 parameters of the group step as usual. Default false.
+  TORCH_ARG(bool, master_weights) = false;
+  /// No master: the update of every bf16 parameter is computed in float32 and rounded
+  /// stochastically into it (CPU), with states of state_dtype. Exclusive with master_weights.
+  TORCH_ARG(bool, stochastic_rounding) = false;
+  /// With stochastic_rounding: the dtype of the states, float32 (default) or bfloat16.
+  TORCH_ARG(c10::ScalarType, state_dtype) = c10::kFloat;
+  /// With stochastic_rounding: the seed of the random bits (with the step, the param group and
+  /// the tensor's index they decide every rounding, so a run is reproducible and resumes bitwise).
+  TORCH_ARG(int64_t, seed) = 0;
 
  public:
   /// Throws c10::ValueError naming the option unless lr >= 0, eps >= 0, betas in [0, 1),
-  /// weight_decay >= 0 (all finite).
+  /// weight_decay >= 0 (all finite), and the low-precision options are consistent.
   void validate() const;
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
@@ -63,7 +76,9 @@ struct AdamFamilyOptions : public torch::optim::OptimizerCloneableOptions<AdamFa
   void set_lr(const double lr) override { this->lr(lr); }
   friend bool operator==(const AdamFamilyOptions& a, const AdamFamilyOptions& b) {
     return a.lr() == b.lr() && a.betas() == b.betas() && a.eps() == b.eps() && a.weight_decay() == b.weight_decay() &&
-           a.amsgrad() == b.amsgrad() && a.maximize() == b.maximize();
+           a.amsgrad() == b.amsgrad() && a.maximize() == b.maximize() && a.master_weights() == b.master_weights() &&
+           a.stochastic_rounding() == b.stochastic_rounding() && a.state_dtype() == b.state_dtype() &&
+           a.seed() == b.seed();
   }
 };
 
@@ -86,12 +101,24 @@ struct SGDOptions : public torch::optim::OptimizerCloneableOptions<SGDOptions> {
   TORCH_ARG(double, weight_decay) = 0;
   TORCH_ARG(bool, nesterov) = false;
   TORCH_ARG(bool, maximize) = false;
+  /// Keep a float32 master copy of every bf16/fp16 parameter (and float32 states): each step reads
+  /// the low-precision grad, updates the master and writes the parameter rounded to nearest.
+  /// float32 parameters of the group step as usual. Default false.
+  TORCH_ARG(bool, master_weights) = false;
+  /// No master: the update of every bf16 parameter is computed in float32 and rounded
+  /// stochastically into it (CPU), with states of state_dtype. Exclusive with master_weights.
+  TORCH_ARG(bool, stochastic_rounding) = false;
+  /// With stochastic_rounding: the dtype of the states, float32 (default) or bfloat16.
+  TORCH_ARG(c10::ScalarType, state_dtype) = c10::kFloat;
+  /// With stochastic_rounding: the seed of the random bits (with the step, the param group and
+  /// the tensor's index they decide every rounding, so a run is reproducible and resumes bitwise).
+  TORCH_ARG(int64_t, seed) = 0;
 
  public:
   // torch::optim::OptimizerOptions' interface, declared by each options type (as torch's own
   // AdamOptions and SGDOptions do) over its own fields; AdamFamilyOptions declares the same.
-  /// Throws c10::ValueError unless lr, momentum, weight_decay >= 0, and nesterov comes with
-  /// momentum > 0 and dampening 0 (torch's rules).
+  /// Throws c10::ValueError unless lr, momentum, weight_decay >= 0, nesterov comes with
+  /// momentum > 0 and dampening 0 (torch's rules), and the low-precision options are consistent.
   void validate() const;
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
@@ -102,11 +129,14 @@ struct SGDOptions : public torch::optim::OptimizerCloneableOptions<SGDOptions> {
 
 /// Per-parameter state of Adam and AdamW: torch's fused-path layout. `step` is a 0-dim float32
 /// tensor on the parameter's device (the fused kernels read it there, so counting needs no host).
+/// The moments are float32 with master weights, state_dtype with stochastic rounding, and of the
+/// parameter's dtype otherwise.
 struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamParamState> {
   TORCH_ARG(at::Tensor, step);
   TORCH_ARG(at::Tensor, exp_avg);
   TORCH_ARG(at::Tensor, exp_avg_sq);
   TORCH_ARG(at::Tensor, max_exp_avg_sq);  ///< defined only with amsgrad
+  TORCH_ARG(at::Tensor, master);          ///< the float32 master weights of a bf16/fp16 parameter
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -116,6 +146,8 @@ struct AdamParamState : public torch::optim::OptimizerCloneableParamState<AdamPa
 /// Per-parameter state of SGD with momentum.
 struct SGDParamState : public torch::optim::OptimizerCloneableParamState<SGDParamState> {
   TORCH_ARG(at::Tensor, momentum_buffer);
+  TORCH_ARG(at::Tensor, master);  ///< the float32 master weights of a bf16/fp16 parameter
+  TORCH_ARG(at::Tensor, step);    ///< with stochastic rounding: the steps taken (float32), which key the random bits
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -152,6 +184,8 @@ class FusedOptimizer : public torch::optim::Optimizer, public ScaleAwareOptimize
   virtual void check_groups() const = 0;
   /// "Adam", "AdamW", "SGD": the name error messages start with.
   virtual const char* name() const = 0;
+  /// Whether \p group (options already checked) rounds its bf16 parameters stochastically.
+  virtual bool stochastic_rounding(const torch::optim::OptimizerParamGroup& group) const = 0;
 };
 
 /// Adam and AdamW, written once; \p Options (AdamOptions or AdamWOptions) decides the weight
@@ -172,6 +206,7 @@ class AdamFamily : public FusedOptimizer {
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
   const char* name() const override;
+  bool stochastic_rounding(const torch::optim::OptimizerParamGroup& group) const override;
 };
 extern template class AdamFamily<AdamOptions>;
 extern template class AdamFamily<AdamWOptions>;
@@ -212,6 +247,7 @@ class SGD : public FusedOptimizer {
   void fused_step(const at::Tensor& grad_scale, const at::Tensor& found_inf) override;
   void check_groups() const override;
   const char* name() const override;
+  bool stochastic_rounding(const torch::optim::OptimizerParamGroup& group) const override;
 };
 
 }  // namespace ampkit::optim

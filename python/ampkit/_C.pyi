@@ -119,7 +119,8 @@ class _PrecisionReport:
     def rows(self) -> list[_PrecisionRecord]: ...
     def stop(self) -> None: ...
     def to_string(self, nested: bool = False, phase: str = "") -> str: ...
-def _check_adam_options(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+def _check_adam_options(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, master_weights: bool,
+                        stochastic_rounding: bool, state_dtype: torch.dtype) -> None:
     """
     Raises ValueError, naming the option, unless Adam's / AdamW's options are valid.
     """
@@ -135,7 +136,8 @@ def _check_new_scale(new_scale: float, min_scale: float, max_scale: float) -> No
     """
     Raises ValueError unless new_scale is finite and > 0 in float32 and within [min_scale, max_scale].
     """
-def _check_sgd_options(lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
+def _check_sgd_options(lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                       master_weights: bool, stochastic_rounding: bool, state_dtype: torch.dtype) -> None:
     """
     Raises ValueError, naming the option, unless SGD's options are valid.
     """

@@ -356,12 +356,13 @@ TEST_CASE("a bad gradient is named by its group and its index, and changes nothi
   SECTION("the flat lists of fused_sgd_ / fused_adam_ know no groups: the index in the list") {
     ao::detail::SGDHyper h;
     const std::string msg = error_of([&] {
-      ao::detail::fused_sgd_({q[0], q[2]}, {q[0].grad(), q[2].grad()}, {}, h, false, at::Tensor(), at::Tensor());
+      ao::detail::fused_sgd_({q[0], q[2]}, {q[0].grad(), q[2].grad()}, {}, {}, {}, h, false, at::Tensor(),
+                             at::Tensor());
     });
     CHECK_THAT(msg, Catch::EndsWith("got CPUFloatType of shape [4] on cpu (index 1)"));
     CHECK_THAT(msg, !Catch::Contains("group"));
     const std::string adam_msg = error_of([&] {
-      ao::detail::fused_adam_({q[2]}, {q[2].grad()}, {}, {}, {}, {}, ao::detail::AdamHyper(), at::Tensor(),
+      ao::detail::fused_adam_({q[2]}, {q[2].grad()}, {}, {}, {}, {}, {}, ao::detail::AdamHyper(), at::Tensor(),
                               at::Tensor());
     });
     CHECK_THAT(adam_msg, Catch::StartsWith("Adam: expected each gradient to match") &&
