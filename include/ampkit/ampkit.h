@@ -6,5 +6,6 @@
 #include <ampkit/cast_policy.h>
 #include <ampkit/diagnostics.h>
 #include <ampkit/grad_scaler.h>
+#include <ampkit/low_precision.h>
 #include <ampkit/optim.h>
 #include <ampkit/trainer.h>

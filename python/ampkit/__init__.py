@@ -64,6 +64,7 @@ from ._diagnostics import (
     OverflowEvent,
 )
 from . import optim
+from ._low_precision import cast_model, KEEP_FP32
 from ._cast_policy import (
     CastPolicy,
     get_policy,
@@ -78,6 +79,8 @@ from ._cast_policy import (
 __version__ = version.__version__
 
 __all__ = [
+    "cast_model",
+    "KEEP_FP32",
     "autocast",
     "is_autocast_enabled",
     "get_autocast_dtype",
