@@ -131,6 +131,12 @@ void finish_construction(torch::optim::Optimizer& opt, const std::vector<Optimiz
   defaults.validate();
   check_has_params(Options::kName, opt.param_groups());
   check_groups_of<Options>(opt.param_groups());
+  for (size_t gi = 0; gi < opt.param_groups().size(); ++gi) {
+    const auto& group = opt.param_groups()[gi];
+    if (!static_cast<const Options&>(group.options()).stochastic_rounding()) continue;
+    for (size_t j = 0; j < group.params().size(); ++j)
+      detail::check_rounded_param(Options::kName, group.params()[j], gi, j);
+  }
 }
 
 // Where GradScaler hands in one found_inf that is the sum over devices, the kernels want exactly
@@ -990,6 +996,10 @@ void SGD::load(torch::serialize::InputArchive& archive) {
 // ---- the entry points of the Python optimizers: every list checked, then the kernels ----
 
 namespace detail {
+
+void check_rounded_param(const char* who, const at::Tensor& p, size_t group, size_t index) {
+  ampkit::optim::check_rounded_param(who, p, {group, index});
+}
 
 void check_scale_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(!t.defined() || (t.numel() == 1 && t.scalar_type() == at::kFloat),

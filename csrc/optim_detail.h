@@ -103,6 +103,10 @@ void adam_lowp_range(const LowpTensors& tensors, int64_t begin, int64_t end, con
 /// The key of the random bits of stochastic rounding of one tensor at one step.
 std::uint32_t rounding_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor_index);
 
+/// Throws c10::ValueError unless \p p can be rounded stochastically (bf16 on the CPU, or float32),
+/// naming the optimizer and (group, index).
+void check_rounded_param(const char* who, const at::Tensor& p, size_t group, size_t index);
+
 /// Throws c10::ValueError unless \p t is undefined or a 1-element float32 tensor.
 void check_scale_tensor(const at::Tensor& t, const char* name);
 

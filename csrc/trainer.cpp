@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <ampkit/trainer.h>
 
 #include <ampkit/autocast.h>
@@ -24,6 +25,11 @@ namespace {
 constexpr int64_t kFormatVersion = 1;
 
 using detail::params_of;
+
+bool any_half_grad(const std::vector<at::Tensor>& params) {
+  return std::any_of(params.begin(), params.end(),
+                     [](const at::Tensor& p) { return p.grad().defined() && p.grad().scalar_type() == at::kHalf; });
+}
 
 at::Tensor false_on(const c10::Device& device) {
   return at::zeros({}, at::TensorOptions().dtype(at::kBool).device(device));
@@ -110,8 +116,15 @@ StepStats Trainer::step(const Closure& closure) {
   const auto max_norm = options_.max_grad_norm();
   if (scaler_) {
     if (max_norm) {
-      scaler_->unscale_(optimizer_);
-      stats.grad_norm_ = detail::clip_grad_norm_(params_of(optimizer_), *max_norm);
+      const auto params = params_of(optimizer_);
+      if (any_half_grad(params)) {
+        // fp16 grads (fp16 parameters with master weights): clipped while scaled, unscaled by the
+        // optimizer's fused step, never in place in fp16 (what torch refuses).
+        stats.grad_norm_ = detail::clip_grad_norm_(params, *max_norm, scaler_->scale_tensor());
+      } else {
+        scaler_->unscale_(optimizer_);
+        stats.grad_norm_ = detail::clip_grad_norm_(params, *max_norm);
+      }
     }
     scaler_->step(optimizer_);  // sync-free for a ScaleAwareOptimizer
     stats.skipped_ = scaler_->last_step_skipped();
@@ -264,7 +277,7 @@ torch::serialize::InputArchive& operator>>(torch::serialize::InputArchive& archi
 
 namespace detail {
 
-at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm) {
+at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm, const at::Tensor& grad_scale) {
   TORCH_CHECK_VALUE(std::isfinite(max_norm) && max_norm > 0.0,
                     "clip_grad_norm_: expected max_norm to be finite and "
                     "> 0, got ",
@@ -281,9 +294,15 @@ at::Tensor clip_grad_norm_(at::ArrayRef<at::Tensor> params, double max_norm) {
   const c10::Device first = grads.front().device();
   std::vector<at::Tensor> norms;
   for (const auto& g : groups) {
-    for (auto& n : at::_foreach_norm(pick(grads, g), 2)) norms.push_back(n.to(first));
+    const at::ScalarType dtype = grads[g.front()].scalar_type();
+    const bool low = dtype == at::kHalf || dtype == at::kBFloat16;
+    for (auto& n :
+         at::_foreach_norm(pick(grads, g), 2, low ? std::optional<at::ScalarType>(at::kFloat) : std::nullopt)) {
+      norms.push_back(n.to(first));
+    }
   }
-  const at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
+  at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
+  if (grad_scale.defined()) total = total / grad_scale.to(total.device()).reshape({});
   // Python's `max_norm / tensor` is tensor.reciprocal() * max_norm: same op order, same bits.
   const at::Tensor coef = at::clamp_max((total + 1e-6).reciprocal() * max_norm, 1.0);
   for (const auto& g : groups) at::_foreach_mul_(pick(grads, g), coef.to(grads[g.front()].device()));

@@ -1,6 +1,8 @@
 #include "python/bind.h"
 
 #include <ampkit/optim.h>
+
+#include "optim_detail.h"
 namespace ampkit::python {
 
 // ampkit.optim's Python optimizers subclass torch.optim.Optimizer (so that schedulers, state
@@ -38,6 +40,14 @@ void bind_optim(py::module_& m) {
       py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
       py::arg("master_weights"), py::arg("stochastic_rounding"), py::arg("state_dtype"),
       "Raises ValueError, naming the option, unless Adam's / AdamW's options are valid.");
+
+  m.def(
+      "_check_rounded_param",
+      [](const std::string& who, const at::Tensor& p, size_t group, size_t index) {
+        optim::detail::check_rounded_param(who.c_str(), p, group, index);
+      },
+      py::arg("who"), py::arg("param"), py::arg("group"), py::arg("index"),
+      "Raises ValueError unless param can be rounded stochastically (bf16 on the CPU, or float32).");
 }
 
 }  // namespace ampkit::python

@@ -28,7 +28,23 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const std::string& kind,
     return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(lr).momentum(0.9));
   }
   if (kind == "adamw_fused") return std::make_unique<optim::AdamW>(params, optim::AdamWOptions(lr));
-  TORCH_CHECK_VALUE(false, "_testing: expected optimizer 'sgd', 'sgd_momentum' or 'adamw_fused', got '", kind, "'");
+  // Low-precision parameters (ampkit.optim's master_weights / stochastic_rounding, seed 7).
+  if (kind == "adamw_master")
+    return std::make_unique<optim::AdamW>(params, optim::AdamWOptions(lr).master_weights(true));
+  if (kind == "adamw_sr") {
+    return std::make_unique<optim::AdamW>(
+        params, optim::AdamWOptions(lr).stochastic_rounding(true).state_dtype(at::kBFloat16).seed(7));
+  }
+  if (kind == "sgd_master") {
+    return std::make_unique<optim::SGD>(params, optim::SGDOptions(lr).momentum(0.9).master_weights(true));
+  }
+  if (kind == "sgd_sr") {
+    return std::make_unique<optim::SGD>(params, optim::SGDOptions(lr).momentum(0.9).stochastic_rounding(true).seed(7));
+  }
+  TORCH_CHECK_VALUE(false,
+                    "_testing: expected optimizer 'sgd', 'sgd_momentum', 'adamw_fused', 'adamw_master', 'adamw_sr', "
+                    "'sgd_master' or 'sgd_sr', got '",
+                    kind, "'");
 }
 
 GradScalerOptions scaler_options(double init_scale, double growth_factor, double backoff_factor,

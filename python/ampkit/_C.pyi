@@ -141,7 +141,9 @@ def _check_sgd_options(lr: float, momentum: float, dampening: float, weight_deca
     """
     Raises ValueError, naming the option, unless SGD's options are valid.
     """
-def _clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+def _check_rounded_param(who: str, param: torch.Tensor, group: int, index: int) -> None:
+    """Raises ValueError unless param can be rounded stochastically (bf16 on the CPU, or float32)."""
+def _clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """
     torch.nn.utils.clip_grad_norm_(params, max_norm) without a host sync (foreach norms, clip coefficient clamped to 1): multiplies the grads in place and returns the total 2-norm before clipping.
     """

@@ -226,8 +226,14 @@ class Trainer:
         grad_norm = None
         if self.scaler is not None:
             if self.max_grad_norm is not None:
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = _C._clip_grad_norm_(self._params(), self.max_grad_norm)
+                params = self._params()
+                if any(p.grad is not None and p.grad.dtype == torch.float16 for p in params):
+                    # fp16 grads (fp16 parameters with master weights): clipped while scaled, unscaled
+                    # by the optimizer's fused step, never in place in fp16 (what torch refuses).
+                    grad_norm = _C._clip_grad_norm_(params, self.max_grad_norm, grad_scale=self.scaler._scale)
+                else:
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = _C._clip_grad_norm_(params, self.max_grad_norm)
             self.scaler.step(self.optimizer)
             skipped = self._last_step_skipped()
             self.scaler.update()

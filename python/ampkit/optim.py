@@ -140,7 +140,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         # Check the group as it will be (defaults filled in) before torch adds it, so that a bad
         # group leaves the optimizer as it was.
-        self._check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        group = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_group(group)
+        if group.get("stochastic_rounding"):
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            for i, p in enumerate(params):
+                if isinstance(p, torch.Tensor):
+                    _C._check_rounded_param(self._name, p, len(self.param_groups), i)
+            param_group = {**param_group, "params": params}
         super().add_param_group(param_group)
 
     def _check_group(self, group: Dict[str, Any], check_lr_value: bool = True) -> None:
