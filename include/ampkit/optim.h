@@ -18,6 +18,12 @@
 /// The results equal those of `torch.optim.Adam/AdamW/SGD(fused=True)` bitwise (the same kernels
 /// with the same arguments), with one deliberate difference: SGD with momentum never reads an
 /// uninitialized momentum buffer after a skipped first step (see SGD).
+///
+/// bf16/fp16 parameters (see cast_model in <ampkit/low_precision.h>) can step through float32
+/// masters (`master_weights(true)`: the master step equals torch's fused step on the master with
+/// the grad upcast) or be rounded stochastically (`stochastic_rounding(true)`, bf16 on the CPU);
+/// on the CPU each is one pass over every tensor. The grads of such parameters are left scaled
+/// (the step divides by the scale in float32), so fp16 grads are never unscaled in place.
 
 #include <ampkit/grad_scaler.h>
 
