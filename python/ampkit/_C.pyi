@@ -145,7 +145,7 @@ def _check_rounded_param(who: str, param: torch.Tensor, group: int, index: int) 
     """Raises ValueError unless param can be rounded stochastically (bf16 on the CPU, or float32)."""
 def _clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """
-    torch.nn.utils.clip_grad_norm_(params, max_norm) without a host sync (foreach norms, clip coefficient clamped to 1): multiplies the grads in place and returns the total 2-norm before clipping.
+    torch.nn.utils.clip_grad_norm_(params, max_norm) without a host sync (foreach norms, clip coefficient clamped to 1): multiplies the grads in place and returns the total 2-norm before clipping. With grad_scale the grads are still scaled by it: the norm is theirs divided by it, and they are clipped scaled. bf16/fp16 norms in float32.
     """
 def _diagnostics_live() -> bool:
     """Whether a precision report or overflow locator is alive."""

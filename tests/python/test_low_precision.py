@@ -409,6 +409,27 @@ def test_trainer_with_master_weights_and_clipping(dtype):
     assert all(opt.state[p]["master"].dtype == torch.float32 for p in model.parameters() if p.dtype == dtype)
 
 
+@pytest.mark.parametrize("dtype", LOW)
+def test_trainer_accumulates_into_low_precision_grads_and_steps_once(dtype):
+    """Accumulation over a cast model: the optimizer (and its masters) steps once per window, the
+    micro-steps only add into the bf16/fp16 grads."""
+    model = _fp16_master_model() if dtype == torch.float16 else ampkit.cast_model(
+        nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4)), dtype)
+    opt = ao.AdamW(model.parameters(), lr=1e-3, master_weights=True)
+    trainer = ampkit.Trainer(model, opt, device_type="cpu", dtype=dtype, accumulation_steps=3)
+    gen = torch.Generator().manual_seed(0)
+    stepped = []
+    for _ in range(6):
+        x = torch.randn(8, 16, generator=gen).to(dtype)
+        y = torch.randn(8, 4, generator=gen)
+        before = model[0].weight.detach().clone()
+        stats = trainer.step(lambda: torch.nn.functional.mse_loss(model(x).float(), y))
+        stepped.append(stats.stepped)
+        assert torch.equal(before, model[0].weight) != stats.stepped
+    assert stepped == [False, False, True, False, False, True]
+    assert opt.state[model[0].weight]["step"].item() == 2
+
+
 def test_clip_of_scaled_fp16_grads_matches_the_float32_norm():
     grads = [torch.randn(100) * 3, torch.randn(7)]
     params = [torch.zeros(g.shape, dtype=torch.float16, requires_grad=True) for g in grads]
