@@ -1028,6 +1028,14 @@ void fused_adam_(at::TensorList params, at::TensorList grads, at::TensorList exp
                       max_exp_avg_sqs.size());
   }
   check_state_list(who, "state_steps", steps, params, StateKind::step);
+  // The one-pass kernel reads all states of a tensor as one dtype (float32 or bf16 when rounded).
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::ScalarType dtype = exp_avgs[i].scalar_type();
+    TORCH_CHECK_VALUE(
+        exp_avg_sqs[i].scalar_type() == dtype && (!h.amsgrad || max_exp_avg_sqs[i].scalar_type() == dtype), who,
+        ": expected the states of parameter ", i, " to share one dtype (exp_avgs[", i, "] is ", dtype,
+        "), got exp_avg_sqs[", i, "] ", exp_avg_sqs[i].scalar_type());
+  }
   if (params.empty()) return;
   auto scales = grad_scale_copies(grad_scale);
   auto infs = found_inf_copies(found_inf);

@@ -297,6 +297,24 @@ def test_option_errors_name_the_option():
         ao.AdamW(p, stochastic_rounding=True, state_dtype="bf16")
 
 
+def test_the_operator_refuses_mixed_state_dtypes():
+    """torch.ops.ampkit.fused_adam_ called directly: states of one tensor in two dtypes are refused
+    (the one-pass kernel reads them as one), naming the list and index."""
+    p = torch.zeros(16, dtype=torch.bfloat16)
+    g = torch.ones(16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"AdamW: expected the states of parameter 0 to share one dtype \(exp_avgs\[0\] "
+                                         r"is Float\), got exp_avg_sqs\[0\] BFloat16"):
+        torch.ops.ampkit.fused_adam_([p], [g], [torch.zeros(16)], [torch.zeros(16, dtype=torch.bfloat16)], [],
+                                     [torch.zeros(())], lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                                     amsgrad=False, maximize=False, decoupled_weight_decay=True,
+                                     stochastic_rounding=True)
+    assert torch.equal(p, torch.zeros(16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"expected masters\[0\] to be a float32 copy of its parameter"):
+        torch.ops.ampkit.fused_adam_([p], [g], [torch.zeros(16)], [torch.zeros(16)], [], [torch.zeros(())], lr=1e-3,
+                                     beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                                     maximize=False, decoupled_weight_decay=True, masters=[torch.zeros(3)])
+
+
 def test_stochastic_rounding_refuses_fp16_parameters_before_changing_anything():
     p16 = _low_params(torch.float16)
     with pytest.raises(ValueError, match=r"SGD: expected bfloat16 or float32 parameters with stochastic_rounding"):
