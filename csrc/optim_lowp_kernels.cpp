@@ -304,29 +304,28 @@ AMPKIT_INLINE void adam_range(const LowpTensors& t, int64_t begin, int64_t end, 
 
 // Every (parameter, state) type pair the optimizers use: the state in the parameter's type (SGD's
 // momentum without a master) or in float32 (master weights, stochastic rounding), or bf16 states
-// for bf16 parameters. Calls \p run with one of each.
-template <class Run>
-AMPKIT_INLINE void with_types(const LowpTensors& t, Run&& run) {
-  const bool half = t.param_dtype == LowpDtype::fp16;
-  if (t.state_dtype == LowpDtype::fp32) {
-    if (half) return run(c10::Half(), float());
-    return run(c10::BFloat16(), float());
-  }
-  if (half) return run(c10::Half(), c10::Half());
-  return run(c10::BFloat16(), c10::BFloat16());
-}
-
+// for bf16 parameters. Written as plain branches, not through a generic lambda: a lambda's body
+// is a function of its own, compiled without the target attributes of the per-ISA copies below
+// (so unvectorized, and std::fma a library call).
 template <bool F16C>
 AMPKIT_INLINE void sgd_any(const LowpTensors& t, int64_t begin, int64_t end, const SgdLowpArgs& a) {
-  with_types(t, [&](auto param_type, auto state_type) {
-    sgd_range<F16C, decltype(param_type), decltype(state_type)>(t, begin, end, a);
-  });
+  const bool half = t.param_dtype == LowpDtype::fp16;
+  if (t.state_dtype == LowpDtype::fp32) {
+    if (half) return sgd_range<F16C, c10::Half, float>(t, begin, end, a);
+    return sgd_range<F16C, c10::BFloat16, float>(t, begin, end, a);
+  }
+  if (half) return sgd_range<F16C, c10::Half, c10::Half>(t, begin, end, a);
+  return sgd_range<F16C, c10::BFloat16, c10::BFloat16>(t, begin, end, a);
 }
 template <bool F16C>
 AMPKIT_INLINE void adam_any(const LowpTensors& t, int64_t begin, int64_t end, const AdamLowpArgs& a) {
-  with_types(t, [&](auto param_type, auto state_type) {
-    adam_range<F16C, decltype(param_type), decltype(state_type)>(t, begin, end, a);
-  });
+  const bool half = t.param_dtype == LowpDtype::fp16;
+  if (t.state_dtype == LowpDtype::fp32) {
+    if (half) return adam_range<F16C, c10::Half, float>(t, begin, end, a);
+    return adam_range<F16C, c10::BFloat16, float>(t, begin, end, a);
+  }
+  if (half) return adam_range<F16C, c10::Half, c10::Half>(t, begin, end, a);
+  return adam_range<F16C, c10::BFloat16, c10::BFloat16>(t, begin, end, a);
 }
 
 #if defined(AMPKIT_X86_DISPATCH)
