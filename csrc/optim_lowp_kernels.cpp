@@ -245,11 +245,14 @@ AMPKIT_INLINE void adam_range(const LowpTensors& t, int64_t begin, int64_t end, 
   auto* __restrict__ exp_avg = static_cast<S*>(t.state[0]);
   auto* __restrict__ exp_avg_sq = static_cast<S*>(t.state[1]);
   auto* __restrict__ max_exp_avg_sq = static_cast<S*>(t.state[2]);
+  constexpr bool kFloatStates = std::is_same_v<S, float>;
   const float w = a.lerp_weight, w1 = a.lerp_weight - 1.0f, beta2 = a.beta2, sq_coeff = a.sq_coeff;
   const float bc2_sqrt = a.bc2_sqrt, eps = a.eps, neg_step_size = a.neg_step_size;
   const float weight_decay = a.weight_decay, decay_keep = a.decay_keep, grad_scale = a.grad_scale;
+  // torch's lerp: w < 0.5 ? m + w * (g - m) : g + (w - 1) * (g - m), one coefficient and one base.
   const bool small_weight = std::abs(w) < 0.5f;
-  alignas(64) float g[kBlock], p[kBlock], m[kBlock], v[kBlock], vm[kBlock];
+  const float coeff = small_weight ? w : w1;
+  alignas(64) float g[kBlock], pb[kBlock], mb[kBlock], vb[kBlock], vmb[kBlock];
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t n = std::min(kBlock, end - start);
     to_float<F16C>(grad + start, g, n);
@@ -259,7 +262,21 @@ AMPKIT_INLINE void adam_range(const LowpTensors& t, int64_t begin, int64_t end, 
     if (a.maximize) {
       for (int64_t i = 0; i < n; ++i) g[i] = -g[i];
     }
-    load_param<F16C>(param + start, master == nullptr ? nullptr : master + start, p, n);
+    // float32 masters and states are worked on where they are; others through a float32 block.
+    float* __restrict__ p = master != nullptr ? master + start : pb;
+    if (master == nullptr) to_float<F16C>(param + start, pb, n);
+    float* __restrict__ m = mb;
+    float* __restrict__ v = vb;
+    float* __restrict__ vm = vmb;
+    if constexpr (kFloatStates) {
+      m = exp_avg + start;
+      v = exp_avg_sq + start;
+      if (max_exp_avg_sq != nullptr) vm = max_exp_avg_sq + start;
+    } else {
+      to_float<F16C>(exp_avg + start, mb, n);
+      to_float<F16C>(exp_avg_sq + start, vb, n);
+      if (max_exp_avg_sq != nullptr) to_float<F16C>(max_exp_avg_sq + start, vmb, n);
+    }
     if (weight_decay != 0.0f) {
       if (a.decoupled) {
         for (int64_t i = 0; i < n; ++i) p[i] = p[i] * decay_keep;
@@ -269,35 +286,28 @@ AMPKIT_INLINE void adam_range(const LowpTensors& t, int64_t begin, int64_t end, 
         for (int64_t i = 0; i < n; ++i) g[i] = g[i] + p[i] * weight_decay;
       }
     }
-    load_state<F16C>(exp_avg + start, m, n);
     if (a.fma) {
-      if (small_weight) {
-        for (int64_t i = 0; i < n; ++i) m[i] = std::fma(w, g[i] - m[i], m[i]);
-      } else {
-        for (int64_t i = 0; i < n; ++i) m[i] = std::fma(w1, g[i] - m[i], g[i]);
+      for (int64_t i = 0; i < n; ++i) {
+        m[i] = std::fma(coeff, g[i] - m[i], small_weight ? m[i] : g[i]);
+        v[i] = std::fma(sq_coeff * g[i], g[i], v[i] * beta2);
       }
-    } else if (small_weight) {
-      for (int64_t i = 0; i < n; ++i) m[i] = m[i] + w * (g[i] - m[i]);
     } else {
-      for (int64_t i = 0; i < n; ++i) m[i] = g[i] + w1 * (g[i] - m[i]);
+      for (int64_t i = 0; i < n; ++i) {
+        m[i] = (small_weight ? m[i] : g[i]) + coeff * (g[i] - m[i]);
+        v[i] = v[i] * beta2 + sq_coeff * g[i] * g[i];
+      }
     }
-    store_state<F16C>(m, exp_avg + start, n);
-    load_state<F16C>(exp_avg_sq + start, v, n);
-    if (a.fma) {
-      for (int64_t i = 0; i < n; ++i) v[i] = std::fma(sq_coeff * g[i], g[i], v[i] * beta2);
-    } else {
-      for (int64_t i = 0; i < n; ++i) v[i] = v[i] * beta2 + sq_coeff * g[i] * g[i];
-    }
-    store_state<F16C>(v, exp_avg_sq + start, n);
     const float* second = v;
     if (max_exp_avg_sq != nullptr) {
-      load_state<F16C>(max_exp_avg_sq + start, vm, n);
       for (int64_t i = 0; i < n; ++i) vm[i] = std::max(vm[i], v[i]);
-      store_state<F16C>(vm, max_exp_avg_sq + start, n);
       second = vm;
     }
     for (int64_t i = 0; i < n; ++i) p[i] = p[i] + neg_step_size * m[i] / (std::sqrt(second[i]) / bc2_sqrt + eps);
-    if (master != nullptr) std::copy(p, p + n, master + start);
+    if constexpr (!kFloatStates) {
+      from_float<F16C>(mb, exp_avg + start, n);
+      from_float<F16C>(vb, exp_avg_sq + start, n);
+      if (max_exp_avg_sq != nullptr) from_float<F16C>(vmb, max_exp_avg_sq + start, n);
+    }
     store_param<F16C>(p, param + start, start, n, t);
   }
 }
