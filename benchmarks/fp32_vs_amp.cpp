@@ -6,12 +6,18 @@
 //                 free functions, as torch.autocast does them): what a C++ user has today
 //   ampkit-fp32   ampkit::Trainer with ampkit::optim::AdamW (fused), autocast off
 //   ampkit-bf16   the same trainer under ampkit's autocast; ampkit-fp16 (CUDA default) with its scaler
+//   ampkit-bf16-master  bf16 parameters (ampkit::cast_model; norm layers stay float32), the same
+//                 trainer under ampkit's autocast, AdamW with master_weights(true) (float32 masters
+//                 and states in the optimizer)
+//   ampkit-bf16-sr      the same with stochastic_rounding(true).state_dtype(kBFloat16) (no master,
+//                 bf16 states; CPU only)
 //   X-control     a second, identical copy of mode X: its ratio to X is the noise band
 //
 // So: AMP gain = ampkit-fp32 / ampkit-bf16 (same optimizer, autocast on or off); the trainer and
 // fused optimizer's gain = fp32 / ampkit-fp32; gain over the stock loop = fp32 / ampkit-bf16;
 // ampkit-bf16 vs torch-bf16 = what switching from LibTorch's autocast loop to ampkit gives. There
-// is no torch-fp16: LibTorch has no C++ GradScaler.
+// is no torch-fp16: LibTorch has no C++ GradScaler. The -master and -sr modes are compared with
+// torch-bf16 (their peer) and with ampkit-fp32 (their AMP baseline, the same trainer).
 //
 //   fp32_vs_amp_cpp [--device cpu|cuda] [--models mlp,transformer,cnn] [--modes ...] [--steps N]
 //                   [--warmup N] [--chunk N] [--tiny] [--json PATH]
@@ -21,7 +27,8 @@
 // shows the median (p10/p90) of those samples. Every sample has a wall time and a CPU time: the
 // process's (CLOCK_PROCESS_CPUTIME_ID, all threads), because torch's CPU ops run on its intra-op
 // worker threads and the calling thread's CPU time would leave their share out. CPU defaults leave
-// fp16 out: CPUs without AVX512-FP16 have no fast fp16 matrix product.
+// fp16 out: CPUs without AVX512-FP16 have no fast fp16 matrix product; CUDA defaults leave
+// ampkit-bf16-sr out (a CPU kernel).
 #include <ampkit/ampkit.h>
 
 #include <ATen/autocast_mode.h>
@@ -176,11 +183,16 @@ std::string base_mode(const std::string& mode) {
 }
 
 // The mode whose time this one's is divided by in "vs peer": the torch loop of the same precision
-// for ampkit's modes (fp32 for ampkit-fp32), the original for a control copy; empty for the rest.
+// for ampkit's modes (fp32 for ampkit-fp32, torch-bf16 for ampkit-bf16-master and -sr), the
+// original for a control copy; empty for the rest.
 std::string peer_mode(const std::string& mode) {
   if (base_mode(mode) != mode) return base_mode(mode);
   if (mode == "ampkit-fp32") return "fp32";
-  if (mode.rfind("ampkit-", 0) == 0) return "torch-" + mode.substr(7);
+  if (mode.rfind("ampkit-", 0) == 0) {
+    const std::string precision = mode.substr(7, mode.find('-', 7) == std::string::npos ? std::string::npos
+                                                                                         : mode.find('-', 7) - 7);
+    return "torch-" + precision;
+  }
   return "";
 }
 
@@ -188,7 +200,8 @@ std::string peer_mode(const std::string& mode) {
 std::string amp_baseline(const std::string& mode) {
   const std::string base = base_mode(mode);
   if (base == "torch-bf16") return "fp32";
-  if (base == "ampkit-bf16" || base == "ampkit-fp16") return "ampkit-fp32";
+  if (base == "ampkit-bf16" || base == "ampkit-fp16" || base == "ampkit-bf16-master" || base == "ampkit-bf16-sr")
+    return "ampkit-fp32";
   return "";
 }
 
@@ -216,18 +229,30 @@ Run make_run(const std::string& mode, const Workload& w, torch::Device device) {
     if (base == "torch-bf16") r.torch_autocast = torch::kBFloat16;
     return r;
   }
-  r.optimizer = std::make_unique<ampkit::optim::AdamW>(r.model->parameters(), ampkit::optim::AdamWOptions(2e-4));
+  auto adamw = ampkit::optim::AdamWOptions(2e-4);
   ampkit::TrainerOptions opts(device.type());
-  if (base == "ampkit-fp32")
+  if (base == "ampkit-fp32") {
     opts.enabled(false);
-  else if (base == "ampkit-bf16")
+  } else if (base == "ampkit-bf16") {
     opts.dtype(torch::kBFloat16);
-  else if (base == "ampkit-fp16")
+  } else if (base == "ampkit-fp16") {
     opts.dtype(torch::kHalf);
-  else
+  } else if (base == "ampkit-bf16-master" || base == "ampkit-bf16-sr") {
+    // bf16 parameters (the norm layers stay float32), the optimizer keeps float32 masters or
+    // rounds stochastically with bf16 states.
+    ampkit::cast_model(*r.model, c10::kBFloat16);
+    if (base == "ampkit-bf16-master")
+      adamw.master_weights(true);
+    else
+      adamw.stochastic_rounding(true).state_dtype(c10::kBFloat16).seed(0);
+    opts.dtype(torch::kBFloat16);
+  } else {
     throw std::invalid_argument(
-        "--modes: expected fp32, torch-bf16, ampkit-fp32, ampkit-bf16 or ampkit-fp16, each optionally with '" +
+        "--modes: expected fp32, torch-bf16, ampkit-fp32, ampkit-bf16, ampkit-fp16, ampkit-bf16-master or "
+        "ampkit-bf16-sr, each optionally with '" +
         kControl + "' appended, got '" + mode + "'");
+  }
+  r.optimizer = std::make_unique<ampkit::optim::AdamW>(r.model->parameters(), adamw);
   r.trainer = std::make_unique<ampkit::Trainer>(*r.model, *r.optimizer, opts);
   return r;
 }
@@ -376,7 +401,8 @@ int main(int argc, char** argv) {
     if (a == "--help" || a == "-h") {
       std::cout << "usage: fp32_vs_amp_cpp [--device cpu|cuda] [--models mlp,transformer,cnn] [--modes ...] "
                    "[--steps N] [--warmup N] [--chunk N] [--tiny] [--json PATH]\n"
-                   "modes: fp32, torch-bf16, ampkit-fp32, ampkit-bf16, ampkit-fp16, each optionally with '-control'\n"
+                   "modes: fp32, torch-bf16, ampkit-fp32, ampkit-bf16, ampkit-fp16, ampkit-bf16-master, "
+                   "ampkit-bf16-sr,\neach optionally with '-control' "
                    "appended (a second, identical copy). CPU default: steps 40, chunk 2 (20 samples per mode).\n";
       return 0;
     }
@@ -397,13 +423,20 @@ int main(int argc, char** argv) {
     const torch::Device device(cuda ? torch::kCUDA : torch::kCPU);
     const bool tiny = flags.count("tiny") > 0;
     const auto models = split(flag("models", "mlp,transformer,cnn"));
-    auto modes = split(flag("modes", cuda ? "fp32,torch-bf16,torch-bf16-control,ampkit-fp32,ampkit-bf16,ampkit-fp16"
-                                          : "fp32,torch-bf16,torch-bf16-control,ampkit-fp32,ampkit-bf16"));
+    auto modes = split(flag("modes", cuda ? "fp32,torch-bf16,torch-bf16-control,ampkit-fp32,ampkit-bf16,ampkit-fp16,"
+                                                 "ampkit-bf16-master"
+                                          : "fp32,torch-bf16,torch-bf16-control,ampkit-fp32,ampkit-bf16,"
+                                            "ampkit-bf16-master,ampkit-bf16-sr"));
     if (std::find(modes.begin(), modes.end(), "fp32") == modes.end()) modes.insert(modes.begin(), "fp32");
-    static const std::set<std::string> known = {"fp32", "torch-bf16", "ampkit-fp32", "ampkit-bf16", "ampkit-fp16"};
+    static const std::set<std::string> known = {"fp32",        "torch-bf16",         "ampkit-fp32",   "ampkit-bf16",
+                                                "ampkit-fp16", "ampkit-bf16-master", "ampkit-bf16-sr"};
     for (const auto& m : modes)
-      TORCH_CHECK_VALUE(known.count(base_mode(m)), "--modes: expected fp32, torch-bf16, ampkit-fp32, ampkit-bf16 or ",
-                        "ampkit-fp16, each optionally with '", kControl, "' appended, got '", m, "'");
+      TORCH_CHECK_VALUE(known.count(base_mode(m)), "--modes: expected fp32, torch-bf16, ampkit-fp32, ampkit-bf16, ",
+                        "ampkit-fp16, ampkit-bf16-master or ampkit-bf16-sr, each optionally with '", kControl,
+                        "' appended, got '", m, "'");
+    for (const auto& m : modes)
+      TORCH_CHECK_VALUE(!cuda || base_mode(m) != "ampkit-bf16-sr", "--modes: '", m,
+                        "' needs --device cpu (ampkit's stochastic rounding is a CPU kernel)");
     for (const auto& m : modes)
       TORCH_CHECK_VALUE(std::count(modes.begin(), modes.end(), m) == 1, "--modes: '", m,
                         "' twice (a second copy of a mode is '", m, kControl, "')");

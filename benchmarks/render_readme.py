@@ -122,20 +122,71 @@ def render_fp32_vs_amp(paths):
         f"Times are medians (p10-p90) per step of wall time and of {clock(d)}. ÷ peer: the mode's time over its "
         f"peer's (torch's AMP of the same dtype for ampkit's modes, the original for a control copy)"
     )
+    per_param = any("param_bytes_per_param" in r for r in d["results"])
+    opt_time = any(r.get("optimizer_ms") is not None for r in d["results"])
+    if opt_time:
+        intro += ". opt. ms: the median wall time per step spent inside `optimizer.step`"
+    if per_param:
+        intro += (". Param B: parameter-related bytes per parameter, counted from tensor storages (parameters, "
+                  "grads, optimizer states and float32 masters, autocast's cached weight casts; see the script's "
+                  "docstring)")
     rows = []
     for r in d["results"]:
         peer = "-" if not r.get("peer") else (
             f"{r['peer']}: {ratio(r['ratio_vs_torch'])} / {ratio(r.get('ratio_vs_torch_cpu'))}")
         mem = r.get("peak_mem_mb")
-        rows.append([
+        row = [
             r["model"], r["mode"], spread(r["step_ms"], r["p10_ms"], r["p90_ms"]),
             spread(r["cpu_ms"], r["cpu_p10_ms"], r["cpu_p90_ms"]) if "cpu_ms" in r else "-",
+        ] + ([ms(r.get("optimizer_ms"))] if opt_time else []) + [
             pair(r["speedup_vs_fp32"], r.get("speedup_vs_fp32_cpu"), lambda v: ratio(v, 2, "x")), peer,
-            "-" if mem is None or mem != mem else f"{mem:.0f}", f"{r['loss_rel_diff']:.2%}",
-        ])
-    head = ["model", "mode", "wall ms (p10-p90)", "CPU ms (p10-p90)", "speedup vs fp32, wall / CPU",
-            "÷ peer, wall / CPU", "peak MB", "loss diff vs fp32"]
-    return paragraph(intro + ":") + "\n\n" + table(head, rows)
+            "-" if mem is None or mem != mem else f"{mem:.0f}",
+        ]
+        if per_param:
+            b = r.get("param_bytes_per_param")
+            row.append("-" if b is None else f"{b:.2f}")
+        rows.append(row + [f"{r['loss_rel_diff']:.2%}"])
+    head = (["model", "mode", "wall ms (p10-p90)", "CPU ms (p10-p90)"] + (["opt. ms"] if opt_time else [])
+            + ["speedup vs fp32, wall / CPU", "÷ peer, wall / CPU", "peak MB"] + (["param B"] if per_param else [])
+            + ["loss diff vs fp32"])
+    return paragraph(intro + ":") + "\n\n" + table(head, rows) + lowp_goals(d["results"])
+
+
+# The issue's goals for the low-precision-parameter modes against torch-bf16 in the same run.
+LOWP_GOALS = {"ampkit-bf16-master": 16.0, "ampkit-bf16-sr": 8.0}  # bytes per parameter, at most
+LOWP_TIME_GOAL, LOWP_LOSS_GOAL = 0.95, 0.01
+
+
+def lowp_goals(results):
+    """One line per model and low-precision-parameter mode: its numbers beside the goals, with the
+    control's noise band ("" when the results have no such mode)."""
+    by_key = {(r["model"], r["mode"]): r for r in results}
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        control = by_key.get((model, "torch-bf16-control"))
+        band = "" if control is None or control.get("ratio_vs_torch") is None else (
+            f" (torch-bf16-control: {pair(control['ratio_vs_torch'], control.get('ratio_vs_torch_cpu'), ratio)})")
+        torch_b = by_key.get((model, "torch-bf16"), {}).get("param_bytes_per_param")
+        for mode, goal in LOWP_GOALS.items():
+            r = by_key.get((model, mode))
+            if r is None or r.get("ratio_vs_torch") is None or r.get("param_bytes_per_param") is None:
+                continue
+            met = lambda ok: "met" if ok else "not met"  # noqa: E731
+            t, b, loss = r["ratio_vs_torch"], r["param_bytes_per_param"], r["loss_rel_diff"]
+            mem = r.get("param_memory", {})
+            counters = mem.get("step_counters_per_param")
+            fp32 = mem.get("float32_numel", 0) / mem["numel"] if mem.get("numel") else 0
+            why = ([f"{counters:.2g} of it the per-tensor step counters"] if counters else []) + (
+                [f"{fp32:.2%} of the parameters float32 (the norm layers cast_model keeps)"] if fp32 else [])
+            text = (f"- {model}, {mode}: time over torch-bf16 {pair(t, r.get('ratio_vs_torch_cpu'), ratio)} "
+                    f"(wall / CPU; goal <= {LOWP_TIME_GOAL}: {met(t <= LOWP_TIME_GOAL)}){band}; "
+                    f"{b:.5f} bytes per parameter" + "".join(f", {w}" for w in why)
+                    + f" (goal <= {goal:g}: {met(b <= goal)}"
+                    + (f"; torch-bf16 {torch_b:.2f}" if torch_b is not None else "") + "); "
+                    f"loss {loss:.2%} from fp32 (goal <= {LOWP_LOSS_GOAL:.0%}: {met(loss <= LOWP_LOSS_GOAL)}).")
+            lines.append(textwrap.fill(text, width=110, subsequent_indent="  ", break_long_words=False,
+                                       break_on_hyphens=False))
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def render_fp32_vs_amp_cpp(paths):
@@ -177,6 +228,10 @@ def render_fp32_vs_amp_cpp(paths):
                  f"{pair(bf16['speedup_vs_fp32'], bf16['speedup_vs_fp32_cpu'], lambda v: ratio(v, 2, 'x'))}"]
         if bf16.get("peer") == "torch-bf16":
             parts.append(f"time over torch-bf16's {pair(bf16['ratio_vs_peer'], bf16['ratio_vs_peer_cpu'], ratio)}")
+        for lowp in ("ampkit-bf16-master", "ampkit-bf16-sr"):
+            r = by_key.get((model, lowp))
+            if r is not None and r.get("peer") == "torch-bf16":
+                parts.append(f"{lowp} over torch-bf16 {pair(r['ratio_vs_peer'], r['ratio_vs_peer_cpu'], ratio)}")
         controls = [r for (m, _), r in by_key.items() if m == model and r["mode"].endswith("-control")]
         for c in controls:
             parts.append(f"{c['mode']} over {c['peer']} {pair(c['ratio_vs_peer'], c['ratio_vs_peer_cpu'], ratio)} "
@@ -314,6 +369,76 @@ def render_diagnostics(paths):
     return paragraph(intro + ":") + "\n\n" + table(["mode", "step ms, wall / CPU", "ratio to the step alone"], rows)
 
 
+def render_lowp_step(paths):
+    (path,) = paths
+    d = load(path)
+    intro = (
+        f"One AdamW step over {d['tensors']} tensors of {d['numel']:,} elements ({d['params']:,} parameters) on "
+        f"the CPU (`python benchmarks/bench_lowp_step.py`, {machine(d)}, median of {d['repeats']} interleaved "
+        f"steps, wall time and {clock(d)}; `{rel(path)}`). Bytes per parameter are the algorithm's minimum for "
+        f"the variant (every tensor it touches read once, written once; step counters left out), GB/s those "
+        f"bytes over the median time. The composed torch recipe upcasts the bf16 grads, runs "
+        f"`torch._fused_adamw_` on float32 masters and copies the masters into the bf16 parameters; "
+        f"torch-fused-fp32 is the optimizer step of torch-bf16 training (float32 parameters and grads). "
+        f"ampkit's master step is "
+        f"{'bitwise equal' if d.get('master_matches_composed') else 'NOT bitwise equal'} to the composed one"
+    )
+    names = {"ampkit-master": "ampkit, master_weights", "ampkit-sr-bf16": "ampkit, stochastic rounding, bf16 states",
+             "ampkit-sr-fp32": "ampkit, stochastic rounding, fp32 states",
+             "torch-composed-master": "torch composed: upcast + fused AdamW on masters + copy",
+             "torch-fused-fp32": "torch fused AdamW, fp32 params (torch-bf16's step)"}
+    rows = []
+    for r in d["results"]:
+        rows.append([
+            names.get(r["variant"], r["variant"]),
+            f"{r['bytes_per_param']} ({r['bytes_read_per_param']} + {r['bytes_written_per_param']})",
+            pair(r["wall_ms"], r["cpu_ms"], ms),
+            f"**{r['gb_per_s_wall']:.1f}** / {r['gb_per_s_cpu']:.1f}",
+            pair(r.get("wall_over_torch-composed-master"), r.get("cpu_over_torch-composed-master"), ratio),
+            pair(r.get("wall_over_torch-fused-fp32"), r.get("cpu_over_torch-fused-fp32"), ratio),
+        ])
+    head = ["variant", "bytes/param (read + write)", "ms, wall / CPU", "GB/s, wall / CPU", "÷ composed, wall / CPU",
+            "÷ torch fused fp32"]
+    return paragraph(intro + ":") + "\n\n" + table(head, rows)
+
+
+def render_convergence_lowp(paths):
+    (path,) = paths
+    d = load(path)
+    png = os.path.splitext(path)[0] + ".png"
+    chart = f", curves `{rel(png)}`" if os.path.exists(png) else ""
+    s = d["size"]
+    o = d["optimizer"]
+    intro = (
+        f"Convergence (`python benchmarks/convergence_lowp.py`, {machine(d)}; `{rel(path)}`{chart}): a GPT "
+        f"({d['params']:,} parameters: {s['layers']} pre-norm causal blocks of width {s['d_model']}, {s['heads']} "
+        f"heads, vocabulary {s['vocab']}, tied LM head) trained for {d['steps']} AdamW steps (lr {o['lr']:g}, "
+        f"{o['warmup_steps']} warm-up steps, weight decay {o['weight_decay']:g}) on batches of {s['batch']} x "
+        f"{s['seq']} tokens of a random Markov chain, the same initial weights and batches in every mode. Final "
+        f"loss: the mean of the last {d['final_window']} steps (a blind guess scores "
+        f"{d['initial_loss_uniform']:.3f}, a model that knows the chain {d['entropy_floor']:.3f}); the goal is within "
+        f"{d.get('goal_rel_diff', 0.02):.0%} of fp32"
+    )
+    reference = d.get("reference_modes", [])
+    if reference:
+        intro += (f". {', '.join(reference)}: bf16 parameters whose AdamW updates are rounded to nearest (no master, "
+                  f"no stochastic rounding), a reference for what the recipes avoid, not held to the goal")
+    base = d["runs"].get("fp32", {}).get("final_loss")
+    rows = []
+    for mode, r in d["runs"].items():
+        diff = r.get("rel_diff_vs_fp32")
+        if base is None or mode == "fp32":
+            verdict = "-"
+        elif mode in reference:
+            verdict = "(reference)"
+        else:
+            verdict = "met" if abs(diff) <= d.get("goal_rel_diff", 0.02) else "not met"
+        rows.append([mode, f"{r['final_loss']:.4f}", "-" if diff is None else f"**{diff:+.2%}**", verdict,
+                     ms(r["step_ms"])])
+    head = ["mode", "final loss", "vs fp32", "within goal", "median step ms"]
+    return paragraph(intro + ":") + "\n\n" + table(head, rows)
+
+
 # name -> (renderer, the JSON files under the results directory it reads)
 BLOCKS = {
     "fp32_vs_amp_cpu": (render_fp32_vs_amp, ["fp32_vs_amp_cpu.json"]),
@@ -322,6 +447,8 @@ BLOCKS = {
     "autocast_instructions_cpu": (render_autocast_instructions, ["autocast_instructions_cpu.json"]),
     "grad_scaler_cpu": (render_grad_scaler, ["grad_scaler_cpu.json", "grad_scaler_small_cpu.json"]),
     "sgd_lowp_cpu": (render_sgd_lowp, ["sgd_lowp_cpu.json"]),
+    "lowp_step_cpu": (render_lowp_step, ["lowp_step_cpu.json"]),
+    "convergence_lowp_cpu": (render_convergence_lowp, ["convergence_lowp_cpu.json"]),
     "diagnostics_cpu": (render_diagnostics, ["diagnostics_cpu.json"]),
 }
 

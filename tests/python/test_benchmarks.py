@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -19,8 +21,11 @@ KEYS = {"model", "mode", "step_ms", "p10_ms", "p90_ms", "speedup_vs_fp32", "rati
 
 def test_fp32_vs_amp_every_cpu_mode(tmp_path):
     modes = "fp32,ampkit-bf16,ampkit-fp16,torch-bf16,torch-fp16"
-    out = fp32_vs_amp.main(["--device", "cpu", "--tiny", "--modes", modes, "--steps", "3", "--warmup", "1",
-                            "--chunk", "2", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    # The three original models (gpt and the low-precision modes: test_fp32_vs_amp_lowp_modes_gpt_and_bytes_per_param;
+    # each model here adds a fresh process per mode for the peak-RSS probes).
+    out = fp32_vs_amp.main(["--device", "cpu", "--tiny", "--models", "mlp,transformer,cnn", "--modes", modes,
+                            "--steps", "3", "--warmup", "1", "--chunk", "2", "--json", str(tmp_path / "r.json"),
+                            "--plot", str(tmp_path / "r.png")])
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["device"] == "cpu" and data["torch"] == out["torch"]
     rows = data["results"]
@@ -41,6 +46,186 @@ def test_fp32_vs_amp_every_cpu_mode(tmp_path):
     for m in ("mlp", "transformer", "cnn"):
         assert skipped[(m, "ampkit-fp16")] == skipped[(m, "torch-fp16")]
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- low-precision parameters
+LOWP_MODES = "fp32,ampkit-bf16,ampkit-bf16-master,ampkit-bf16-sr,torch-bf16,torch-bf16-control"
+
+
+def test_fp32_vs_amp_lowp_modes_gpt_and_bytes_per_param(tmp_path):
+    out = fp32_vs_amp.main(["--device", "cpu", "--tiny", "--models", "transformer,gpt", "--modes", LOWP_MODES,
+                            "--steps", "3", "--warmup", "1", "--chunk", "2", "--no-memory", "--json",
+                            str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["modes"] == LOWP_MODES.split(",") and data["results"] == json.loads(json.dumps(out["results"]))
+    rows = {(r["model"], r["mode"]): r for r in data["results"]}
+    assert set(rows) == {(m, o) for m in ("transformer", "gpt") for o in LOWP_MODES.split(",")}
+    for model in ("transformer", "gpt"):
+        for mode in ("ampkit-bf16-master", "ampkit-bf16-sr"):
+            r = rows[(model, mode)]
+            assert r["peer"] == "torch-bf16"
+            assert r["ratio_vs_torch"] == pytest.approx(r["step_ms"] / rows[(model, "torch-bf16")]["step_ms"])
+            assert math.isfinite(r["final_loss"]) and r["loss_rel_diff"] < 0.05
+        mem = {mode: rows[(model, mode)]["param_memory"] for mode in LOWP_MODES.split(",")}
+        for m in mem.values():
+            parts = sum(m[k] for k in ("params", "grads", "optimizer_states", "step_counters", "masters",
+                                       "cached_casts"))
+            assert m["total"] == parts and m["bytes_per_param"] == pytest.approx(m["total"] / m["numel"])
+        # torch-bf16: fp32 params, grads and AdamW states (16) + the bf16 weight casts; master: no cast, bf16
+        # params and grads, fp32 masters and states (16); SR with bf16 states: 8 (+ the fp32 norm layers).
+        assert mem["fp32"]["cached_casts"] == 0 and mem["fp32"]["bytes_per_param"] == pytest.approx(16, abs=0.1)
+        assert mem["torch-bf16"]["cached_casts"] > 0 and mem["torch-bf16"]["masters"] == 0
+        assert mem["ampkit-bf16"]["cached_casts"] == mem["torch-bf16"]["cached_casts"]
+        assert mem["ampkit-bf16"]["casts_recorded"] == mem["ampkit-bf16"]["ampkit_cache_entries"] > 0
+        assert mem["torch-bf16-control"] == mem["torch-bf16"]
+        assert mem["ampkit-bf16-master"]["masters"] > 0 and mem["ampkit-bf16-master"]["cached_casts"] == 0
+        assert mem["ampkit-bf16-sr"]["masters"] == 0 and mem["ampkit-bf16-sr"]["cached_casts"] == 0
+        assert (mem["ampkit-bf16-sr"]["bytes_per_param"] < mem["ampkit-bf16-master"]["bytes_per_param"]
+                < mem["torch-bf16"]["bytes_per_param"])
+        assert mem["ampkit-bf16-master"]["bytes_per_param"] == pytest.approx(16, abs=0.1)
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def expected_param_memory(run, cast_elements):
+    """What param_memory should count, from the tensors' own sizes (no storage walking)."""
+    params = list(dict.fromkeys(run.model.parameters()))
+    states = masters = steps = 0
+    for p in params:
+        for k, v in run.opt.state[p].items():
+            if isinstance(v, torch.Tensor):
+                if k == "master":
+                    masters += v.numel() * v.element_size()
+                elif k == "step":
+                    steps += v.numel() * v.element_size()
+                else:
+                    states += v.numel() * v.element_size()
+    size = sum(p.numel() * p.element_size() for p in params)
+    return {"params": size, "grads": size, "optimizer_states": states, "step_counters": steps, "masters": masters,
+            "cached_casts": 2 * cast_elements, "numel": sum(p.numel() for p in params)}
+
+
+@pytest.mark.parametrize("model_name", ["transformer", "gpt"])
+def test_param_memory_counts_each_storage(model_name):
+    def norm_or_pos(name):
+        return "norm" in name or name == "pos.weight"  # not consumed by a bf16 op (layer_norm is fp32 on the CPU)
+
+    for mode in ("torch-bf16", "ampkit-bf16", "ampkit-bf16-master", "ampkit-bf16-sr"):
+        run = fp32_vs_amp.Run(model_name, mode, "cpu", 0, tiny=True)
+        run.step()
+        run.step()
+        named = dict(run.model.named_parameters())  # a tied weight once, under its first name
+        cast = sum(p.numel() for n, p in named.items() if not norm_or_pos(n)) if mode.count("-") == 1 else 0
+        got = fp32_vs_amp.param_memory(run)
+        want = expected_param_memory(run, cast)
+        assert {k: got[k] for k in want} == want, mode
+        assert all(p.grad is None for p in run.model.parameters())  # the measurement leaves no grads behind
+        if mode == "ampkit-bf16-master":
+            lowp = sum(p.numel() for p in named.values() if p.dtype == torch.bfloat16)
+            assert got["masters"] == 4 * lowp > 0
+        if mode == "ampkit-bf16-sr":
+            assert all(v.dtype == torch.bfloat16 for p in named.values() if p.dtype == torch.bfloat16
+                       for k, v in run.opt.state[p].items() if k.startswith("exp_avg"))
+        run.step()  # training goes on after the measurement
+
+
+def test_gpt_workload_is_a_language_model():
+    build, data, batch = fp32_vs_amp.make_workload("gpt", "cpu", tiny=True)
+    s = fp32_vs_amp.TINY["gpt"]
+    model = build()
+    assert model.head.weight is model.tok.weight  # tied
+    x, y = data[0]
+    assert x.shape == (s["batch"], s["seq"]) and y.shape == (s["batch"] * s["seq"],) and batch == s["batch"]
+    # Next tokens: y is x shifted by one.
+    assert torch.equal(x[:, 1:].flatten(), y.view(s["batch"], s["seq"])[:, :-1].flatten())
+    logits = model(x)
+    assert logits.shape == (s["batch"] * s["seq"], s["vocab"])
+    # Small initial logits (GPT-2 init): the first loss is about log(vocab).
+    assert F.cross_entropy(logits, y).item() == pytest.approx(math.log(s["vocab"]), rel=0.05)
+    # Causal: the logits at position t do not depend on later tokens.
+    x2 = x.clone()
+    x2[:, -1] = (x2[:, -1] + 1) % s["vocab"]
+    same = model(x2).view(s["batch"], s["seq"], -1)[:, :-1]
+    assert torch.allclose(same, logits.view(s["batch"], s["seq"], -1)[:, :-1], atol=1e-5)
+    # The Markov chain's transitions: each row a distribution over at most 4 successors.
+    g = torch.Generator().manual_seed(0)
+    _, chain = fp32_vs_amp.markov_tokens(32, 2, 8, 1, g, return_chain=True)
+    assert torch.allclose(chain.sum(1), torch.ones(32)) and int((chain > 0).sum(1).max()) <= 4
+
+
+def test_lowp_mode_names_and_peers():
+    assert fp32_vs_amp.mode_parts("ampkit-bf16-master") == ("ampkit", "bf16", "master")
+    assert fp32_vs_amp.mode_parts("ampkit-bf16-sr-control") == ("ampkit", "bf16", "sr")
+    assert fp32_vs_amp.mode_parts("fp32") == ("fp32", "", "")
+    assert fp32_vs_amp.peer_mode("ampkit-bf16-master") == "torch-bf16" == fp32_vs_amp.peer_mode("ampkit-bf16-sr")
+    assert fp32_vs_amp.peer_mode("ampkit-bf16-sr-control") == "ampkit-bf16-sr"
+    with pytest.raises(SystemExit):
+        fp32_vs_amp.main(["--device", "cpu", "--tiny", "--modes", "ampkit-bf16-foo"])
+
+
+def test_lowp_step_bytes_and_bandwidth(tmp_path):
+    out = tmp_path / "l.json"
+    run_script("bench_lowp_step.py", "--numel", "4096", "--tensors", "2", "--repeats", "3", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "lowp_step" and data["cpu_clock"] == "process" and data["cpu"]
+    assert "other_load_cores" in data and data["params"] == 8192
+    rows = {r["variant"]: r for r in data["results"]}
+    assert {v: r["bytes_per_param"] for v, r in rows.items()} == {
+        "ampkit-master": 28, "ampkit-sr-bf16": 14, "ampkit-sr-fp32": 22, "torch-composed-master": 40,
+        "torch-fused-fp32": 28}
+    for r in rows.values():
+        assert r["bytes_per_param"] == r["bytes_read_per_param"] + r["bytes_written_per_param"]
+        assert r["gb_per_s_wall"] == pytest.approx(r["bytes_per_param"] * 8192 / (r["wall_ms"] * 1e-3) / 1e9)
+        assert r["p10_ms"] <= r["wall_ms"] <= r["p90_ms"] and r["cpu_p10_ms"] <= r["cpu_ms"] <= r["cpu_p90_ms"]
+        assert r["wall_over_torch-fused-fp32"] == pytest.approx(r["wall_ms"] / rows["torch-fused-fp32"]["wall_ms"])
+    # ampkit's master step is torch's fused step on the float32 master with the grad upcast, bitwise.
+    assert data["master_matches_composed"] is True
+
+
+def test_convergence_lowp_smoke(tmp_path):
+    out, png = tmp_path / "c.json", tmp_path / "c.png"
+    modes = "fp32,torch-bf16,ampkit-bf16-master,ampkit-bf16-sr,ampkit-bf16-nearest"
+    run_script("convergence_lowp.py", "--tiny", "--steps", "5", "--modes", modes, "--json", str(out), "--plot",
+               str(png))
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "convergence_lowp" and data["cpu"] and data["steps"] == 5 and data["tiny"]
+    assert list(data["runs"]) == modes.split(",") and data["final_window"] == 5
+    assert data["reference_modes"] == ["ampkit-bf16-nearest"]
+    assert data["entropy_floor"] < data["initial_loss_uniform"] == pytest.approx(math.log(64))
+    fp32 = data["runs"]["fp32"]
+    assert fp32["rel_diff_vs_fp32"] == 0.0
+    for r in data["runs"].values():
+        assert len(r["losses"]) == 5 and all(math.isfinite(v) for v in r["losses"])
+        assert r["final_loss"] == pytest.approx(sum(r["losses"]) / 5, abs=1e-5)
+        assert r["rel_diff_vs_fp32"] == pytest.approx((r["final_loss"] - fp32["final_loss"]) / fp32["final_loss"])
+        assert abs(r["rel_diff_vs_fp32"]) < 0.05
+        assert r["losses"][0] == pytest.approx(math.log(64), rel=0.05)  # same initial weights: the same start
+    assert png.stat().st_size > 1000
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "convergence_lowp.py"), "--modes", "fp16"],
+                         capture_output=True, timeout=300)
+    assert bad.returncode != 0
+
+
+def test_render_lowp_goal_lines(tmp_path):
+    def row(mode, t, b, loss, peer="torch-bf16"):
+        return {"model": "gpt", "mode": mode, "step_ms": 10.0, "p10_ms": 9.0, "p90_ms": 11.0, "cpu_ms": 20.0,
+                "cpu_p10_ms": 19.0, "cpu_p90_ms": 21.0, "speedup_vs_fp32": 2.0, "speedup_vs_fp32_cpu": 2.0,
+                "peer": peer, "ratio_vs_torch": t, "ratio_vs_torch_cpu": t, "peak_mem_mb": 1.0,
+                "param_bytes_per_param": b, "loss_rel_diff": loss}
+    rows = [row("fp32", None, 16.0, 0.0, None), row("torch-bf16", None, 17.98, 0.001, None),
+            row("torch-bf16-control", 1.01, 17.98, 0.001), row("ampkit-bf16-master", 0.9, 16.0, 0.002),
+            row("ampkit-bf16-sr", 1.2, 8.01, 0.02)]
+    path = tmp_path / "fp32_vs_amp_cpu.json"
+    path.write_text(json.dumps({"cpu": "Test CPU", "torch": "9.9", "steps": 3, "warmup": 1, "chunk": 1,
+                                "results": rows}))
+    text = render_readme.render_fp32_vs_amp([str(path)])
+    assert "| param B |" in text and "| 16.00 |" in text
+    master = text[text.index("- gpt, ampkit-bf16-master"):]
+    assert "goal <= 0.95: met" in master
+    assert "16.00000 bytes per parameter (goal <= 16: met; torch-bf16 17.98)" in master
+    assert "torch-bf16-control: 1.010 / 1.010" in master
+    sr = text[text.index("- gpt, ampkit-bf16-sr"):]
+    assert "goal <= 0.95: not met" in sr and "8.01000 bytes per parameter (goal <= 8: not met" in sr
+    assert "(goal <= 1%: not met)" in sr
 
 
 def test_fp32_vs_amp_rejects_bad_flags():
@@ -250,13 +435,15 @@ def test_fp32_vs_amp_cpp_modes_ratios_and_json(tmp_path):
     assert data["benchmark"] == "fp32_vs_amp_cpp" and data["cpu_clock"] == "process" and data["samples"] == 3
     assert data["cpu"] == _common.cpu_model() and data["cpu_flags"] == _common.cpu_flags()
     assert data["other_load_cores"] is None or data["other_load_cores"] >= 0
-    modes = ["fp32", "torch-bf16", "torch-bf16-control", "ampkit-fp32", "ampkit-bf16"]
+    modes = ["fp32", "torch-bf16", "torch-bf16-control", "ampkit-fp32", "ampkit-bf16", "ampkit-bf16-master",
+             "ampkit-bf16-sr"]
     assert data["modes"] == modes
     rows = {(r["model"], r["mode"]): r for r in data["results"]}
     assert set(rows) == {(m, o) for m in ("mlp", "transformer", "cnn") for o in modes}
     expected = {  # mode: (peer, AMP baseline)
         "fp32": (None, None), "torch-bf16": (None, "fp32"), "torch-bf16-control": ("torch-bf16", "fp32"),
-        "ampkit-fp32": ("fp32", None), "ampkit-bf16": ("torch-bf16", "ampkit-fp32")}
+        "ampkit-fp32": ("fp32", None), "ampkit-bf16": ("torch-bf16", "ampkit-fp32"),
+        "ampkit-bf16-master": ("torch-bf16", "ampkit-fp32"), "ampkit-bf16-sr": ("torch-bf16", "ampkit-fp32")}
     for (model, mode), r in rows.items():
         assert r["samples"] == 3 and r["p10_ms"] <= r["step_ms"] <= r["p90_ms"]
         assert r["cpu_p10_ms"] <= r["cpu_ms"] <= r["cpu_p90_ms"]
