@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,26 +45,33 @@ def _launch(command, world_size, tmp_path, tag):
     env["OMP_NUM_THREADS"] = "1"
     ranks = [None] if world_size is None else list(range(world_size))
     port = _free_port()
-    procs, outs = [], []
+    procs, outs, logs = [], [], []
     for rank in ranks:
         out = tmp_path / f"{tag}_rank{rank}.json"
+        # Files, not pipes: a rank blocked on a full pipe would hang its peer in a collective.
+        log = open(tmp_path / f"{tag}_rank{rank}.log", "w+")
+        logs.append(log)
         rank_env = dict(env)
         if rank is not None:
             rank_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                             WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
         cmd = [str(c).replace("{out}", str(out)) for c in command]
-        procs.append(subprocess.Popen(cmd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(cmd, env=rank_env, stdout=log, stderr=subprocess.STDOUT))
         outs.append(out)
-    logs = []
+    deadline = time.monotonic() + TIMEOUT
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
     for p, log in zip(procs, logs):
-        assert p.returncode == 0, f"{tag}: a rank exited with {p.returncode}:\n{log}"
+        log.seek(0)
+        text = log.read()
+        log.close()
+        assert p.returncode == 0, f"{tag}: a rank exited with {p.returncode}:\n{text[-4000:]}"
     return [json.loads(o.read_text()) for o in outs]
 
 
@@ -147,3 +155,64 @@ def test_cpp_checkpoint_at_world_size_two_resumes_at_one_and_two(tmp_path):
     assert single["skipped"] == full0["skipped"][3:]
     assert single["final_scale"] == full0["final_scale"]
     _assert_states(single, full0, **TOLERANCE["float"])
+
+
+def _py(world_size, tmp_path, tag, **options):
+    args = [sys.executable, PY_WORKER, "--out", "{out}"]
+    for k, v in options.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return _launch(args, world_size, tmp_path, tag)
+
+
+PY_INF_STEPS = "1,3"
+PY_EXPECTED = [0, 1, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("wrap, ours, oracle", [
+    # Plain grads that differ per rank (the inf is written after DDP's all-reduce): ampkit's
+    # process_group= against torch's ShardedGradScaler, which all-reduces found_inf.
+    ("ddp", "ampkit_group", "sharded"),
+    # FSDP2's DTensor grads: the inf is in rank 1's shard only; torch's scaler reduces found_inf
+    # through DTensor's rule for the unscale op, ampkit's over the mesh itself.
+    ("fsdp2", "ampkit", "torch"),
+])
+def test_python_scaler_skips_a_rank_local_inf_on_every_rank(tmp_path, wrap, ours, oracle):
+    a0, a1 = _py(2, tmp_path, "ours", wrap=wrap, scaler=ours, inf_steps=PY_INF_STEPS)
+    t0, t1 = _py(2, tmp_path, "oracle", wrap=wrap, scaler=oracle, inf_steps=PY_INF_STEPS)
+    assert a0["skipped"] == a1["skipped"] == t0["skipped"] == t1["skipped"] == PY_EXPECTED
+    assert a0["scales"] == a1["scales"] == t0["scales"]
+    _assert_states(a0, a1, rtol=0, atol=0)
+    _assert_states(a0, t0, rtol=0, atol=0)
+
+
+def test_python_scaler_without_a_group_decides_per_rank_under_ddp(tmp_path):
+    # The control of the case above: without process_group (and without DTensor grads) the
+    # decision is local, as torch.amp.GradScaler's: rank 0 does not see rank 1's inf.
+    r0, r1 = _py(2, tmp_path, "local", wrap="ddp", scaler="ampkit", inf_steps=PY_INF_STEPS)
+    assert r1["skipped"] == PY_EXPECTED and r0["skipped"] == [0] * 6
+
+
+def test_python_trainer_under_ddp_equals_the_loop_by_hand(tmp_path):
+    # ampkit.Trainer (no_sync on the first micro-batch of each window) against torch's autocast,
+    # torch's scaler and DDP's no_sync written out; rank 1's loss is inf at step 2.
+    r0, r1 = _py(2, tmp_path, "trainer", wrap="ddp", loop="trainer", scaler="ampkit", inf_steps="2")
+    h0, _ = _py(2, tmp_path, "by_hand", wrap="ddp", loop="by_hand", scaler="torch", inf_steps="2")
+    assert r0["skipped"] == r1["skipped"] == h0["skipped"] == [0, 0, 1, 0, 0, 0]
+    assert r0["scales"] == h0["scales"]
+    _assert_states(r0, r1, rtol=0, atol=0)
+    _assert_states(r0, h0, rtol=0, atol=0)
+
+
+def test_python_trainer_under_fsdp2(tmp_path):
+    r0, r1 = _py(2, tmp_path, "fsdp2_trainer", wrap="fsdp2", loop="trainer", scaler="ampkit", inf_steps="2")
+    assert r0["skipped"] == r1["skipped"] == [0, 0, 1, 0, 0, 0]
+    assert r0["scales"] == r1["scales"]
+    _assert_states(r0, r1, rtol=0, atol=0)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="ampkit.optim's fused operators (ampkit::fused_sgd_, fused_adam_) have no DTensor sharding "
+                          "strategy: under FSDP2 the step raises NotImplementedError")
+def test_python_ampkit_optim_under_fsdp2(tmp_path):
+    r0, r1 = _py(2, tmp_path, "fsdp2_optim", wrap="fsdp2", scaler="ampkit", optim="ampkit", inf_steps=PY_INF_STEPS)
+    assert r0["skipped"] == r1["skipped"] == PY_EXPECTED
