@@ -9,7 +9,10 @@
 #include <torch/csrc/distributed/c10d/comm.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <torch/nn/module.h>
-#ifdef USE_C10D_NCCL
+// NCCL when LibTorch was built with it and its header is there (CUDA wheels keep nccl.h in a
+// separate package).
+#if defined(USE_C10D_NCCL) && __has_include(<nccl.h>)
+#define AMPKIT_HAVE_NCCL 1
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -83,7 +86,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_process_group(const ProcessGroupOpti
                     options.timeout().count());
   TORCH_CHECK_VALUE(backend == "gloo" || backend == "nccl",
                     "init_process_group: expected backend 'gloo' or 'nccl', got '", backend, "'");
-#ifndef USE_C10D_NCCL
+#ifndef AMPKIT_HAVE_NCCL
   TORCH_CHECK_VALUE(backend != "nccl",
                     "init_process_group: expected backend 'gloo': the LibTorch ampkit was built "
                     "against has no NCCL, got 'nccl'");
@@ -107,7 +110,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_process_group(const ProcessGroupOpti
     group->setBackend(c10::kCPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
     group->setBackend(c10::kCUDA, c10d::ProcessGroup::BackendType::GLOO, gloo);
   }
-#ifdef USE_C10D_NCCL
+#ifdef AMPKIT_HAVE_NCCL
   if (backend == "nccl") {
     auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
     nccl_options->timeout = options.timeout();

@@ -216,3 +216,34 @@ def test_python_trainer_under_fsdp2(tmp_path):
 def test_python_ampkit_optim_under_fsdp2(tmp_path):
     r0, r1 = _py(2, tmp_path, "fsdp2_optim", wrap="fsdp2", scaler="ampkit", optim="ampkit", inf_steps=PY_INF_STEPS)
     assert r0["skipped"] == r1["skipped"] == PY_EXPECTED
+
+
+def test_python_scaler_process_group_argument():
+    import ampkit
+
+    with pytest.raises(ValueError, match="expected process_group to be a torch.distributed.ProcessGroup or None, "
+                                         "got 'world'"):
+        ampkit.GradScaler("cpu", process_group="world")
+    assert ampkit.GradScaler("cpu", process_group=None)._process_group is None
+
+
+def test_example_train_ddp_runs_as_two_processes(tmp_path):
+    # The README's launcher line: two processes of build/examples/train_ddp on 127.0.0.1.
+    example = BUILD / "examples" / "train_ddp"
+    assert example.exists(), f"expected the example at {example}"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([str(example)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        # The example prints a few lines only: no pipe fills up while the other rank waits.
+        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "world size 2: final loss" in outs[0]
