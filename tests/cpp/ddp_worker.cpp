@@ -62,14 +62,19 @@ class CountingBackend : public c10d::Backend {
 };
 
 struct NetImpl : torch::nn::Module {
-  explicit NetImpl(int64_t rank) {
+  NetImpl(int64_t rank, bool with_aux) {
     fc1 = register_module("fc1", torch::nn::Linear(16, 32));
     fc2 = register_module("fc2", torch::nn::Linear(32, 8));
+    // A branch that only some ranks use (find_unused_parameters).
+    if (with_aux) aux = register_module("aux", torch::nn::Linear(16, 8));
     // Differs per rank until DataParallel broadcasts rank 0's.
     marker = register_buffer("marker", torch::full({2}, static_cast<double>(rank)));
   }
-  at::Tensor forward(const at::Tensor& x) { return fc2->forward(torch::relu(fc1->forward(x))); }
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  at::Tensor forward(const at::Tensor& x, bool use_aux) {
+    at::Tensor out = fc2->forward(torch::relu(fc1->forward(x)));
+    return use_aux ? out + aux->forward(x) : out;
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr}, aux{nullptr};
   at::Tensor marker;
 };
 TORCH_MODULE(Net);
@@ -137,6 +142,8 @@ int main(int argc, char** argv) {
   const std::string resume = get(args, "--resume", "");
   const bool count = get(args, "--count", "0") == "1";
   const std::string out_path = get(args, "--out", "");
+  // Rank 1 alone uses the aux branch (reducer with find_unused_parameters).
+  const bool unused = get(args, "--unused", "0") == "1";
 
   c10::intrusive_ptr<c10d::ProcessGroup> group;
   CountingBackend* counter = nullptr;
@@ -153,7 +160,7 @@ int main(int argc, char** argv) {
   const int64_t world = group ? group->getSize() : 1;
 
   torch::manual_seed(1234 + rank);  // DataParallel must replace ranks > 0's initial values
-  Net model(rank);
+  Net model(rank, unused);
   ampkit::optim::SGD opt(model->parameters(), ampkit::optim::SGDOptions(0.05).momentum(0.9));
   auto options = ampkit::TrainerOptions(c10::kCPU)
                      .scaler(ampkit::GradScalerOptions().init_scale(1024.0).growth_interval(2))
@@ -164,7 +171,8 @@ int main(int argc, char** argv) {
   } else {
     options.enabled(false);  // fp32 forward, the scaler still scales: only reduction order differs
   }
-  if (group) options.process_group(group);
+  if (group)
+    options.process_group(group).data_parallel(ampkit::dist::DataParallelOptions().find_unused_parameters(unused));
   ampkit::Trainer trainer(*model, opt, options);
   if (!resume.empty()) trainer.load(resume);
 
@@ -185,7 +193,7 @@ int main(int argc, char** argv) {
       const at::Tensor w = w_all.slice(0, rank * rows, (rank + 1) * rows);
       const int64_t before = counter ? counter->count() : 0;
       const auto stats = trainer.step([&] {
-        const at::Tensor per_row = (model->forward(x).to(at::kFloat) - y).pow(2).mean(1);
+        const at::Tensor per_row = (model->forward(x, unused && rank == 1).to(at::kFloat) - y).pow(2).mean(1);
         return (per_row * w).mean();
       });
       if (counter) collectives.push_back(counter->count() - before);

@@ -114,6 +114,17 @@ def test_cpp_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path, dty
     _assert_states(r0, ref, **TOLERANCE[dtype])
 
 
+def test_cpp_unused_parameters_on_one_rank(tmp_path):
+    # Rank 1 alone uses an extra branch (find_unused_parameters): its grads reach rank 0 through the
+    # reducer (zeros stand in for rank 0's), the replicas stay bitwise equal, and both ranks skip
+    # the steps where rank 1's rows are inf.
+    r0, r1 = _cpp(2, tmp_path, "unused", steps=6, dtype="float", inf_steps="1,4", unused=1)
+    assert r0["skipped"] == r1["skipped"] == [0, 1, 0, 0, 1, 0]
+    assert r0["scales"] == r1["scales"]
+    _assert_states(r0, r1, rtol=0, atol=0)
+    assert r0["state"]["aux.weight"] != _cpp(2, tmp_path, "unused_untrained", steps=0, unused=1)[0]["state"]["aux.weight"]
+
+
 def test_cpp_scaler_all_reduces_a_rank_local_inf(tmp_path):
     # GradScaler::set_process_group: rank 1's grad is inf, rank 0's finite; alone rank 0 sees no
     # inf, with the group both do.
@@ -216,6 +227,13 @@ def test_python_trainer_under_fsdp2(tmp_path):
 def test_python_ampkit_optim_under_fsdp2(tmp_path):
     r0, r1 = _py(2, tmp_path, "fsdp2_optim", wrap="fsdp2", scaler="ampkit", optim="ampkit", inf_steps=PY_INF_STEPS)
     assert r0["skipped"] == r1["skipped"] == PY_EXPECTED
+
+
+def test_overlap_benchmark_runs(tmp_path):
+    out = subprocess.run([sys.executable, ROOT / "benchmarks" / "bench_ddp_overlap.py", "--tiny", "--steps", "2",
+                          "--caps", "25"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| 25 MB |" in out.stdout and "hidden" in out.stdout
 
 
 def test_python_scaler_process_group_argument():
