@@ -4,11 +4,14 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
 #include <torch/csrc/autograd/variable.h>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/comm.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <torch/nn/module.h>
+// gloo when its headers were found at configure time (CMakeLists.txt; the torch wheel lacks them).
+#if defined(AMPKIT_HAVE_GLOO)
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 // NCCL when LibTorch was built with it and its header is there (CUDA wheels keep nccl.h in a
 // separate package).
 #if defined(USE_C10D_NCCL) && __has_include(<nccl.h>)
@@ -25,6 +28,15 @@
 #include <utility>
 
 namespace ampkit::dist {
+
+bool gloo_available() {
+#if defined(AMPKIT_HAVE_GLOO)
+  return true;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 // The integer in environment variable \p name, nullopt when unset; a ValueError names the variable
@@ -52,10 +64,18 @@ int64_t option_or_env(std::optional<int64_t> option, const char* setter, const c
 
 c10::intrusive_ptr<c10d::Backend> make_gloo(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                                             std::chrono::milliseconds timeout) {
+#if defined(AMPKIT_HAVE_GLOO)
   auto options = c10d::ProcessGroupGloo::Options::create(timeout);
   // torch's choice of interface: GLOO_SOCKET_IFNAME, else the hostname's address, else loopback.
   options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice(/*lazyInit=*/false));
   return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
+#else
+  (void)store, (void)rank, (void)size, (void)timeout;
+  TORCH_CHECK_VALUE(false,
+                    "init_process_group: expected an ampkit built with gloo's headers for backend 'gloo' (this "
+                    "build found none: install libgloo-dev and rebuild), got a build without them; a process group "
+                    "made elsewhere works with DataParallel, GradScaler::set_process_group and the Trainer");
+#endif
 }
 
 }  // namespace

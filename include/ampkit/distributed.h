@@ -106,6 +106,10 @@ struct ProcessGroupOptions {
 /// the option or environment variable that is missing or out of range.
 c10::intrusive_ptr<c10d::ProcessGroup> init_process_group(const ProcessGroupOptions& options = {});
 
+/// Whether init_process_group can create gloo groups: false where ampkit was built without gloo's
+/// headers (which the torch wheel does not ship; Debian's libgloo-dev has them).
+bool gloo_available();
+
 /// LOCAL_RANK from the environment (the device index a rank should use), or \p default_value when
 /// it is not set. Throws c10::ValueError when it is set but not an integer >= 0.
 int64_t local_rank(int64_t default_value = 0);

@@ -67,6 +67,8 @@ def _launch(command, world_size, tmp_path, tag):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    if command[0] == WORKER and all(p.returncode == 77 for p in procs):
+        pytest.skip("ampkit was built without gloo's headers (libgloo-dev): no C++ gloo rendezvous")
     for p, log in zip(procs, logs):
         log.seek(0)
         text = log.read()
