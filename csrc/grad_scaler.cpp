@@ -1,5 +1,7 @@
 #include <ampkit/grad_scaler.h>
 
+#include <ampkit/distributed.h>
+
 #include "diagnostics_hooks.h"
 #include "grad_scaler_detail.h"
 #include "tensor_groups.h"
@@ -257,8 +259,17 @@ std::vector<at::Tensor> GradScaler::scale(at::ArrayRef<at::Tensor> outputs) {
   return scaled;
 }
 
-std::vector<at::Tensor> GradScaler::unscale_grads_of(const torch::optim::Optimizer& optimizer) const {
-  return detail::unscale_grads_(params_of(optimizer), detail::reciprocal_scale(scale_), /*allow_fp16=*/false);
+std::vector<at::Tensor> GradScaler::unscale_grads_of(const torch::optim::Optimizer& optimizer,
+                                                     const at::Tensor& inv_scale, bool allow_fp16) const {
+  std::vector<at::Tensor> found_infs = detail::unscale_grads_(params_of(optimizer), inv_scale, allow_fp16);
+  if (process_group_) dist::all_reduce_found_infs(process_group(), found_infs);
+  return found_infs;
+}
+
+void GradScaler::set_process_group(const c10::intrusive_ptr<c10d::ProcessGroup>& group) { process_group_ = group; }
+
+c10::intrusive_ptr<c10d::ProcessGroup> GradScaler::process_group() const {
+  return c10::static_intrusive_pointer_cast<c10d::ProcessGroup>(process_group_);
 }
 
 void GradScaler::set_stage(const torch::optim::Optimizer& optimizer, OptimizerStage stage,
@@ -275,7 +286,8 @@ void GradScaler::unscale_(torch::optim::Optimizer& optimizer) {
   TORCH_CHECK(stage != OptimizerStage::Unscaled,
               "unscale_() has already been called on this optimizer since the last update().");
   TORCH_CHECK(stage != OptimizerStage::Stepped, "unscale_() is being called after step().");
-  set_stage(optimizer, OptimizerStage::Unscaled, unscale_grads_of(optimizer));
+  set_stage(optimizer, OptimizerStage::Unscaled,
+            unscale_grads_of(optimizer, detail::reciprocal_scale(scale_), /*allow_fp16=*/false));
 }
 
 bool GradScaler::step(torch::optim::Optimizer& optimizer) {
@@ -295,9 +307,8 @@ bool GradScaler::step_sync_free(torch::optim::Optimizer& optimizer, ScaleAwareOp
   // The optimizer unscales and skips on the device; only check the grads (inv_scale 1) if
   // unscale_() has not done it, as torch's _check_inf_per_device.
   std::vector<at::Tensor> found_infs =
-      stage == OptimizerStage::Ready
-          ? detail::unscale_grads_(params_of(optimizer), at::ones({}, scale_.options()), /*allow_fp16=*/true)
-          : found_inf_per_device(optimizer);
+      stage == OptimizerStage::Ready ? unscale_grads_of(optimizer, at::ones({}, scale_.options()), /*allow_fp16=*/true)
+                                     : found_inf_per_device(optimizer);
   // Without grads torch passes found_inf 0 and steps (the optimizer has nothing to do); the
   // update() that follows then finds no inf checks, as in torch.
   const at::Tensor found_inf =
@@ -316,7 +327,7 @@ bool GradScaler::step_with_sync(torch::optim::Optimizer& optimizer, OptimizerSta
       "step(): no inf checks were recorded for this optimizer: none of its parameters has a "
       "gradient. Call backward() on the scaled loss before step().";
   if (stage == OptimizerStage::Ready) {
-    auto found_infs = unscale_grads_of(optimizer);
+    auto found_infs = unscale_grads_of(optimizer, detail::reciprocal_scale(scale_), /*allow_fp16=*/false);
     TORCH_CHECK(!found_infs.empty(), no_grads);  // before set_stage: a throw leaves the optimizer Ready
     set_stage(optimizer, OptimizerStage::Unscaled, std::move(found_infs));
   }

@@ -16,6 +16,8 @@
 #include <torch/serialize/archive.h>
 
 #include <cmath>
+#include <exception>
+#include <memory>
 #include <sstream>
 #include <utility>
 
@@ -63,6 +65,15 @@ void TrainerOptions::validate() const {
 
 Trainer::Trainer(torch::optim::Optimizer& optimizer, TrainerOptions options)
     : optimizer_(optimizer), options_(std::move(options)) {
+  init();
+}
+
+Trainer::Trainer(torch::nn::Module& model, torch::optim::Optimizer& optimizer, TrainerOptions options)
+    : model_(&model), optimizer_(optimizer), options_(std::move(options)) {
+  init();
+}
+
+void Trainer::init() {
   options_.validate();
   const auto params = params_of(optimizer_);
   TORCH_CHECK_VALUE(!params.empty(), "Trainer: expected an optimizer with at least one parameter, got none");
@@ -71,16 +82,26 @@ Trainer::Trainer(torch::optim::Optimizer& optimizer, TrainerOptions options)
                       c10::DeviceTypeName(options_.device_type(), /*lower_case=*/true),
                       " (options.device_type), got parameter ", i, " on ", params[i].device().str());
   }
+  const auto& group = options_.process_group();
+  TORCH_CHECK_VALUE(!group || model_ != nullptr,
+                    "Trainer: expected the model with options.process_group (Trainer(model, optimizer, options)), got "
+                    "an optimizer alone");
   if (auto s = options_.scaler(); s && s->enabled()) scaler_.emplace(*s);
-}
-
-Trainer::Trainer(torch::nn::Module& model, torch::optim::Optimizer& optimizer, TrainerOptions options)
-    : Trainer(optimizer, std::move(options)) {
-  model_ = &model;
+  if (group) {
+    // A collective: every rank constructs its trainer at the same point of the program.
+    data_parallel_ = std::make_shared<dist::DataParallel>(*model_, group, options_.data_parallel());
+    if (scaler_) scaler_->set_process_group(group);
+  }
 }
 
 StepStats Trainer::step(const Closure& closure) {
   TORCH_CHECK_VALUE(static_cast<bool>(closure), "Trainer.step: expected a closure, got an empty std::function");
+  const int64_t n = options_.accumulation_steps();
+  if (data_parallel_) {
+    // Only the last micro-batch of an accumulation averages the grads (DDP's no_sync before it).
+    data_parallel_->set_require_backward_grad_sync((micro_steps_ + 1) % n == 0);
+    data_parallel_->pre_forward();
+  }
   at::Tensor loss;
   {
     // Forward in the region; the guard is gone before backward, which runs with the TLS of the
@@ -96,7 +117,6 @@ StepStats Trainer::step(const Closure& closure) {
                     "Trainer.step: expected the closure's loss to require grad (is it computed from the model's "
                     "parameters, outside torch::NoGradGuard?), got a tensor that does not");
 
-  const int64_t n = options_.accumulation_steps();
   const at::Tensor to_backward = n > 1 ? loss / n : loss;
   StepStats stats;
   stats.loss_ = loss.detach();
@@ -105,6 +125,8 @@ StepStats Trainer::step(const Closure& closure) {
     scaled = scaler_->scale(to_backward);
     stats.scale_ = scaler_->scale_tensor().clone();  // update() changes the scale in place below
   }
+  // Armed only now that the loss passed its checks: an armed reducer expects this backward.
+  if (data_parallel_) data_parallel_->post_forward({loss});
   scaled.backward();
   ++micro_steps_;
   if (micro_steps_ % n != 0) {
@@ -249,12 +271,38 @@ void Trainer::load(torch::serialize::InputArchive& archive) {
     throw;
   }
   micro_steps_ = micro.toInt();
+  if (data_parallel_) {
+    // torch::nn::Module::load replaces each parameter's data with set_, which gives it a new
+    // gradient accumulator: the reducer's hooks sit on the old ones. A new wrapper hooks the new
+    // ones (a collective: every rank loads at the same point).
+    const dist::DataParallelOptions ddp_options = data_parallel_->options();
+    data_parallel_.reset();
+    data_parallel_ = std::make_shared<dist::DataParallel>(*model_, options_.process_group(), ddp_options);
+  }
 }
 
 void Trainer::save(const std::string& path) const {
-  torch::serialize::OutputArchive archive;
-  save(archive);
-  archive.save_to(path);
+  const auto& group = options_.process_group();
+  if (!group) {
+    torch::serialize::OutputArchive archive;
+    save(archive);
+    archive.save_to(path);
+    return;
+  }
+  // Every rank holds the same state: rank 0 writes, the others wait until the file is complete (and
+  // rank 0 reaches the barrier even when writing failed, so that the others do not hang on it).
+  std::exception_ptr failure;
+  if (group->getRank() == 0) {
+    try {
+      torch::serialize::OutputArchive archive;
+      save(archive);
+      archive.save_to(path);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+  }
+  group->barrier()->wait();
+  if (failure) std::rethrow_exception(failure);
 }
 
 void Trainer::load(const std::string& path) {

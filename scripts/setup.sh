@@ -10,6 +10,8 @@ PYTHON="${PYTHON:-python3}"
 
 missing=()
 [ -f /usr/include/catch2/catch.hpp ] || missing+=(catch2)
+# gloo's headers, for c10d's ProcessGroupGloo.hpp (the torch wheel does not ship them).
+[ -f /usr/include/gloo/context.h ] || missing+=(libgloo-dev)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v ninja >/dev/null || missing+=(ninja-build)
 command -v doxygen >/dev/null || missing+=(doxygen)

@@ -5,6 +5,7 @@
 #include <ampkit/autocast.h>
 #include <ampkit/cast_policy.h>
 #include <ampkit/diagnostics.h>
+#include <ampkit/distributed.h>
 #include <ampkit/grad_scaler.h>
 #include <ampkit/low_precision.h>
 #include <ampkit/optim.h>

@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include <cstdint>
 #include <limits>
@@ -26,6 +27,9 @@
 #include <unordered_map>
 #include <vector>
 
+namespace c10d {
+class ProcessGroup;
+}  // namespace c10d
 namespace torch::optim {
 class Optimizer;
 }  // namespace torch::optim
@@ -252,6 +256,16 @@ class GradScaler {
   void set_max_scale(double v);
   void set_hysteresis(int64_t v);
 
+  /// Makes the skip decision collective: every found_inf is all-reduced (MAX) over \p group after the
+  /// grads are checked and before step() decides, so that an inf/NaN on one rank's grads (or on
+  /// one rank's shard) makes every rank skip and back off alike, as torch's ShardedGradScaler does.
+  /// A null group (the default) decides locally. Needs <ampkit/distributed.h> for the group type.
+  /// The all-reduce adds no host sync beyond what the step already has (NCCL work only makes the
+  /// stream wait; gloo on CPU completes before wait() returns).
+  void set_process_group(const c10::intrusive_ptr<c10d::ProcessGroup>& group);
+  /// The group set by set_process_group() (null by default).
+  c10::intrusive_ptr<c10d::ProcessGroup> process_group() const;
+
   /// torch's state dict as a struct (keys and types in GradScalerState); std::nullopt when
   /// disabled, where torch returns {}. Synchronizes. Take it after update().
   std::optional<GradScalerState> state_dict() const;
@@ -274,8 +288,10 @@ class GradScaler {
 
   void check_initialized(const char* call) const;
   void lazy_init(const c10::Device& device);
-  /// Divides \p optimizer's grads by the scale; one found_inf per device.
-  std::vector<at::Tensor> unscale_grads_of(const torch::optim::Optimizer& optimizer) const;
+  /// Divides \p optimizer's grads by \p inv_scale; one found_inf per device, all-reduced over the
+  /// process group if one is set.
+  std::vector<at::Tensor> unscale_grads_of(const torch::optim::Optimizer& optimizer, const at::Tensor& inv_scale,
+                                           bool allow_fp16) const;
   void set_stage(const torch::optim::Optimizer& optimizer, OptimizerStage stage, std::vector<at::Tensor> found_infs);
   /// step() for a ScaleAwareOptimizer: step_scaled() with the scale and the inf flag, no host sync.
   bool step_sync_free(torch::optim::Optimizer& optimizer, ScaleAwareOptimizer& aware, OptimizerStage stage);
@@ -298,6 +314,8 @@ class GradScaler {
   int64_t steps_ = 0;
   int64_t host_skipped_ = 0;   // skips seen on the host (the synchronizing path)
   at::Tensor device_skipped_;  // int64 count of skips of sync-free steps, created on first use
+  // A c10d::ProcessGroup, held through its base so that this header needs no c10d headers.
+  c10::intrusive_ptr<c10::intrusive_ptr_target> process_group_;
 };
 
 /// `archive << scaler` and `archive >> scaler`, so that torch::save / torch::load work.

@@ -15,6 +15,7 @@
 ///   }
 /// \endcode
 
+#include <ampkit/distributed.h>
 #include <ampkit/grad_scaler.h>
 
 #include <ATen/core/Tensor.h>
@@ -82,6 +83,21 @@ struct TrainerOptions {
     set_to_none_ = v;
     return *this;
   }
+  /// Data-parallel training over \p group (from dist::init_process_group): the trainer wraps the
+  /// model in a dist::DataParallel (rank 0's parameters and buffers broadcast at construction,
+  /// grads averaged in buckets overlapping backward on the last micro-batch of each accumulation,
+  /// no communication on the others), makes its GradScaler's skip decision collective
+  /// (GradScaler::set_process_group), clips the averaged grads, and save(path) writes on rank 0
+  /// only. Needs the Trainer constructor that takes the model. Default: none (one process).
+  TrainerOptions& process_group(c10::intrusive_ptr<c10d::ProcessGroup> v) {
+    process_group_ = std::move(v);
+    return *this;
+  }
+  /// Bucketing and the other DDP options of the process_group() wrapper.
+  TrainerOptions& data_parallel(dist::DataParallelOptions v) {
+    data_parallel_ = v;
+    return *this;
+  }
 
   c10::DeviceType device_type() const { return device_type_; }
   /// The dtype set, else the device type's default autocast dtype.
@@ -92,6 +108,8 @@ struct TrainerOptions {
   int64_t accumulation_steps() const { return accumulation_steps_; }
   std::optional<double> max_grad_norm() const { return max_grad_norm_; }
   bool set_to_none() const { return set_to_none_; }
+  const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const { return process_group_; }
+  const dist::DataParallelOptions& data_parallel() const { return data_parallel_; }
 
   /// Throws c10::ValueError naming the option unless every option is in range.
   void validate() const;
@@ -105,6 +123,8 @@ struct TrainerOptions {
   int64_t accumulation_steps_ = 1;
   std::optional<double> max_grad_norm_;
   bool set_to_none_ = true;
+  c10::intrusive_ptr<c10d::ProcessGroup> process_group_;
+  dist::DataParallelOptions data_parallel_;
 };
 
 /// What one Trainer::step did: ampkit.StepStats's fields, as device tensors (reading them does not
@@ -136,8 +156,8 @@ class Trainer {
  public:
   using Closure = std::function<at::Tensor()>;
 
-  /// Throws c10::ValueError for bad options, an optimizer without parameters, or parameters not
-  /// on options.device_type().
+  /// Throws c10::ValueError for bad options, an optimizer without parameters, parameters not
+  /// on options.device_type(), or a process_group (which needs the model).
   Trainer(torch::optim::Optimizer& optimizer, TrainerOptions options = {});
   /// Also saves and loads \p model's parameters and buffers with the trainer's state.
   Trainer(torch::nn::Module& model, torch::optim::Optimizer& optimizer, TrainerOptions options = {});
@@ -159,6 +179,8 @@ class Trainer {
   GradScaler* scaler() { return scaler_ ? &*scaler_ : nullptr; }
   const GradScaler* scaler() const { return scaler_ ? &*scaler_ : nullptr; }
   torch::optim::Optimizer& optimizer() { return optimizer_; }
+  /// The data-parallel wrapper of the model, or nullptr without a process_group.
+  dist::DataParallel* data_parallel() { return data_parallel_.get(); }
 
   /// Writes the model (if given), the optimizer, the scaler and the counters. Throws c10::Error in
   /// the middle of an accumulation (accumulated grads are not part of the state): save after a
@@ -167,17 +189,26 @@ class Trainer {
   /// Reads what save() wrote; a run resumed from it continues bitwise as the uninterrupted one.
   /// Every part is checked before any is loaded (model keys and shapes, the scaler's state,
   /// micro_steps); a part that still refuses its state is rolled back with the others, so a failed
-  /// load changes nothing. Archives are TorchScript-format files: load only trusted ones.
+  /// load changes nothing. Archives are TorchScript-format files: load only trusted ones. With a
+  /// process_group every rank must call it (the data-parallel wrapper is rebuilt on the loaded
+  /// parameters, a collective).
   void load(torch::serialize::InputArchive& archive);
-  /// save() / load() through a file.
+  /// save() / load() through a file. With a process_group only rank 0 writes, and every rank
+  /// returns once the file is complete (a barrier); every rank loads the same file, whatever the
+  /// world size it was written at (the state holds nothing per rank).
   void save(const std::string& path) const;
   void load(const std::string& path);
 
  private:
+  /// What both constructors do: check the options and the parameters, make the scaler and the
+  /// data-parallel wrapper.
+  void init();
+
   torch::nn::Module* model_ = nullptr;
   torch::optim::Optimizer& optimizer_;
   TrainerOptions options_;
   std::optional<GradScaler> scaler_;
+  std::shared_ptr<dist::DataParallel> data_parallel_;
   int64_t micro_steps_ = 0;
 };
 

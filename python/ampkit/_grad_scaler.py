@@ -27,6 +27,30 @@ _FLT_MIN = torch.finfo(torch.float32).tiny
 _MAX_INT32 = 2**31 - 1
 
 
+def _is_process_group(group: Any) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and isinstance(group, dist.ProcessGroup)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    # Without importing torch.distributed for every unscale: a DTensor exists only once it is.
+    module = type(tensor).__module__
+    return module.startswith("torch.distributed") and type(tensor).__name__ == "DTensor"
+
+
+def _note_sharded_dims(grad: Any, groups: list) -> None:
+    """Adds to groups the process group of each mesh dimension on which grad is not replicated."""
+    from torch.distributed.tensor import Replicate
+
+    mesh = grad.device_mesh
+    for dim, placement in enumerate(grad.placements):
+        if not isinstance(placement, Replicate):
+            group = mesh.get_group(dim)
+            if group not in groups:
+                groups.append(group)
+
+
 class _ArgumentError(ValueError, AssertionError):
     """A bad argument where torch.amp.GradScaler raises AssertionError: ampkit raises ValueError,
     and code written against torch that catches AssertionError keeps working."""
@@ -90,6 +114,11 @@ class GradScaler(torch.amp.GradScaler):
       ``steps_applied()`` and ``steps_skipped()``.
     * Options are validated (ValueError naming the option) also when the scaler is disabled, and
       a load or a step that raises leaves the scaler as it was.
+    * Sharded and data-parallel training: with DTensor grads (FSDP2's ``fully_shard``) each rank
+      checks its shards and found_inf is all-reduced (MAX) over the mesh before the skip decision,
+      as torch's scaler does for DTensors; ``process_group=`` does the same over a group for plain
+      grads that differ per rank (torch's ``ShardedGradScaler``). Every rank then skips the same
+      steps and keeps the same scale. No host sync is added: the sync-free path stays sync-free.
 
     Args:
         device: device type of the scale, "cuda" (default) or "cpu". An enabled "cuda" scaler
@@ -103,6 +132,8 @@ class GradScaler(torch.amp.GradScaler):
         min_scale: lower bound of the scale, > 0 (None: the smallest positive normal float).
         max_scale: upper bound, >= min_scale (None: no bound other than staying finite).
         hysteresis: consecutive overflowing steps before a backoff (>= 1).
+        process_group: a ``torch.distributed.ProcessGroup`` over which found_inf is all-reduced
+            (None: only DTensor grads' meshes).
 
     Bad arguments raise ValueError naming the argument; calls in the wrong order raise torch's
     errors (RuntimeError, or AssertionError where torch raises that).
@@ -120,6 +151,7 @@ class GradScaler(torch.amp.GradScaler):
         min_scale: Optional[float] = None,
         max_scale: Optional[float] = None,
         hysteresis: int = 1,
+        process_group: Any = None,
     ) -> None:
         try:
             # "cuda:1" or torch.device("cuda") mean the device type, which is all a scaler keeps.
@@ -137,6 +169,9 @@ class GradScaler(torch.amp.GradScaler):
         min_scale = _FLT_MIN if min_scale is None else _check_float("min_scale", min_scale)
         max_scale = math.inf if max_scale is None else _check_float("max_scale", max_scale)
         hysteresis = _check_int("hysteresis", hysteresis)
+        if process_group is not None and not _is_process_group(process_group):
+            raise ValueError(f"GradScaler: expected process_group to be a torch.distributed.ProcessGroup or None, "
+                             f"got {process_group!r}")
         # Validated even when disabled: a bad option is a bug whether or not scaling is on.
         _check_options(
             init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
@@ -151,6 +186,7 @@ class GradScaler(torch.amp.GradScaler):
         self._min_scale = min_scale
         self._max_scale = max_scale
         self._hysteresis = hysteresis
+        self._process_group = process_group
         self._init_overflow_streak = 0
         self._overflow_streak: Optional[torch.Tensor] = None
         self._steps = 0
@@ -168,7 +204,7 @@ class GradScaler(torch.amp.GradScaler):
     ) -> Dict[torch.device, torch.Tensor]:
         # torch's split by device and dtype, in C++ (faster for many small grads). found_inf is
         # torch's template for the per-device flags, copied to each device as torch does.
-        grads, found_infs = [], {}
+        grads, found_infs, groups = [], {}, []
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for param in group["params"]:
@@ -180,12 +216,41 @@ class GradScaler(torch.amp.GradScaler):
                     # torch does. Without allow_fp16 the operator refuses fp16 grads instead.
                     if allow_fp16 and grad.is_sparse and grad.dtype == torch.float16:
                         param.grad = grad = grad.coalesce()
+                    if _is_dtensor(grad):
+                        # A shard (FSDP2): checked locally, then found_inf is reduced over the
+                        # mesh, as torch's DTensor rule for the unscale op does.
+                        _note_sharded_dims(grad, groups)
+                        grad = grad.to_local()
                     grads.append(grad)
                     device = grad.device
                     if device not in found_infs:
                         found_infs[device] = found_inf.to(device, copy=True)
             torch.ops.ampkit.unscale_grads_(grads, list(found_infs.values()), inv_scale, allow_fp16)
+        if self._process_group is not None and self._process_group not in groups:
+            groups.append(self._process_group)
+        if groups:
+            self._all_reduce_found_infs(found_infs, groups)
         return found_infs
+
+    def _all_reduce_found_infs(self, found_infs: Dict[torch.device, torch.Tensor], groups: list) -> None:
+        # MAX over each group in turn (a mesh dimension after another gives the max over the
+        # mesh); the all-reduces of one group are all started before any is waited for, as in
+        # torch's ShardedGradScaler, and a CPU flag is reduced through the scaler's device when
+        # that is another (NCCL reduces only device tensors).
+        import torch.distributed as dist
+
+        for group in groups:
+            works, copies = [], []
+            for found_inf in found_infs.values():
+                target = found_inf
+                if self._device != "cpu" and found_inf.device.type == "cpu":
+                    target = found_inf.to(self._device)
+                    copies.append((found_inf, target))
+                works.append(dist.all_reduce(target, op=dist.ReduceOp.MAX, group=group, async_op=True))
+            for work in works:
+                work.wait()
+            for found_inf, target in copies:
+                found_inf.copy_(target)
 
     def _maybe_opt_step(self, optimizer, optimizer_state, *args: Any, **kwargs: Any):
         # torch's synchronizing path: one host read of the combined flag, as torch does.
@@ -465,6 +530,7 @@ class GradScaler(torch.amp.GradScaler):
         if self._enabled:
             state["_init_overflow_streak"] = self._get_overflow_streak()
             state["_overflow_streak"] = None
+        state["_process_group"] = None  # a live connection; the unpickled scaler decides locally
         state["_host_skipped"] = self.steps_skipped()
         state["_device_skipped"] = None
         if self._last_step_skipped is not None:

@@ -7,6 +7,7 @@ ampkit::GradScaler) and the same clipping function (``_C._clip_grad_norm_``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -101,6 +102,10 @@ class Trainer:
     ``accumulation_steps``-th call unscales, clips (``max_grad_norm``), steps (skipped for
     inf/NaN grads; without a host sync for optimizers with ``_step_supports_amp_scaling`` such
     as ``ampkit.optim``'s and torch's fused ones), updates the scale and zeroes the grads.
+    With a model wrapped in torch's ``DistributedDataParallel`` or FSDP2's ``fully_shard``, the
+    micro-batches before the last of a window do not reduce their grads (``no_sync`` /
+    ``set_requires_gradient_sync(False)``); the scaler's skip decision is the same on every rank
+    (for sharded grads ampkit.GradScaler all-reduces found_inf, as torch's does).
 
     Args:
         model: the module whose state ``state_dict`` saves (may be None).
@@ -190,6 +195,23 @@ class Trainer:
         ``micro_steps`` goes back to the start of the window, so that the next call starts a clean
         window; parameters, optimizer state and scale are as the failed call found them, unless
         ``optimizer.step`` itself failed half-way through its parameters."""
+        n = self.accumulation_steps
+        with self._gradient_sync((self.micro_steps + 1) % n == 0):
+            return self._micro_step(closure)
+
+    def _gradient_sync(self, sync: bool) -> Any:
+        """Under torch's DDP or FSDP2, the micro-batches before the last of a window only accumulate
+        locally (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``): the grads are reduced
+        once per optimizer step, with the same result."""
+        model = self.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext() if sync else model.no_sync()
+        set_sync = getattr(model, "set_requires_gradient_sync", None)  # an FSDPModule (fully_shard)
+        if callable(set_sync):
+            set_sync(sync)
+        return contextlib.nullcontext()
+
+    def _micro_step(self, closure: Callable[[], torch.Tensor]) -> StepStats:
         with self._autocast:
             loss = closure()
         if not isinstance(loss, torch.Tensor):

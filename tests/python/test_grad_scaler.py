@@ -603,7 +603,8 @@ def test_signature_is_torch_s_plus_keyword_extras():
     assert list(ours.parameters.values())[: len(torch_params)] == torch_params  # names, kinds, defaults
     extras = {n: (p.kind, p.default) for n, p in list(ours.parameters.items())[len(torch_params):]}
     kw = inspect.Parameter.KEYWORD_ONLY
-    assert extras == {"min_scale": (kw, None), "max_scale": (kw, None), "hysteresis": (kw, 1)}
+    assert extras == {"min_scale": (kw, None), "max_scale": (kw, None), "hysteresis": (kw, 1),
+                      "process_group": (kw, None)}
 
 
 def test_new_scale_shapes():
