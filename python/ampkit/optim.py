@@ -38,11 +38,16 @@ inf flag, and a step with inf/NaN grads is skipped on the device, without a host
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
 from . import _C
+
+try:  # torch.distributed is absent from some builds
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
 
 __all__ = ["Adam", "AdamW", "SGD"]
 
@@ -122,6 +127,14 @@ def _master(state: Dict[str, Any], p: torch.Tensor, group: Dict[str, Any]) -> to
         return state["master"]
     state.pop("master", None)
     return p
+
+
+def _local(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The local shards of DTensors (FSDP2's sharded parameters, grads and states), which alias
+    them: the step is elementwise, so each rank updates its own shard in place."""
+    if _DTensor is None:
+        return tensors
+    return [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
 
 
 def _scale_arg(value: Any) -> Optional[torch.Tensor]:
@@ -312,11 +325,11 @@ class _AdamBase(_FusedOptimizer):
             return
         beta1, beta2 = group["betas"]
         _overload(torch.ops.ampkit.fused_adam_, group["lr"])(
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
+            _local(params), _local(grads), _local(exp_avgs), _local(exp_avg_sqs), _local(max_sqs), steps,
             lr=_lr_arg(group["lr"]), beta1=float(beta1), beta2=float(beta2),
             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), amsgrad=amsgrad,
             maximize=group["maximize"], decoupled_weight_decay=self._decoupled,
-            grad_scale=grad_scale, found_inf=found_inf, masters=masters,
+            grad_scale=grad_scale, found_inf=found_inf, masters=_local(masters),
             stochastic_rounding=group["stochastic_rounding"], seed=group["seed"], group_index=self._group_index(group),
         )
         for p, state in pending.items():
@@ -453,12 +466,14 @@ class SGD(_FusedOptimizer):
         fused_sgd_ = _overload(torch.ops.ampkit.fused_sgd_, group["lr"])
         params = ordinary[0]
         if params:
-            fused_sgd_(*ordinary[:3], masters=ordinary[3], state_steps=ordinary[4], is_first_step=False, **kwargs)
+            fused_sgd_(*map(_local, ordinary[:3]), masters=_local(ordinary[3]), state_steps=ordinary[4],
+                       is_first_step=False, **kwargs)
             for p, buf in pending.items():
                 self.state[p]["momentum_buffer"] = buf
         first_params, first_bufs = first[0], first[2]
         if first_params:
-            fused_sgd_(*first[:3], masters=first[3], state_steps=first[4], is_first_step=True, **kwargs)
+            fused_sgd_(*map(_local, first[:3]), masters=_local(first[3]), state_steps=first[4], is_first_step=True,
+                       **kwargs)
             if found_inf is None or not bool(found_inf.item()):  # the documented first-step sync
                 for p, buf in zip(first_params, first_bufs):
                     self.state[p]["momentum_buffer"] = buf
