@@ -11,6 +11,8 @@
 //       [--bucket-cap-mb MB] [--tiny] [--json PATH]
 #include <ampkit/ampkit.h>
 
+#include "encoder_block.h"
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -24,21 +26,6 @@
 namespace {
 
 constexpr int64_t kClasses = 10;
-
-// fp32_vs_amp.cpp's transformer model.
-struct EncoderBlockImpl : torch::nn::Module {
-  EncoderBlockImpl(int64_t d, int64_t heads, int64_t ff)
-      : block(register_module(
-            "block", torch::nn::TransformerEncoderLayer(
-                         torch::nn::TransformerEncoderLayerOptions(d, heads).dim_feedforward(ff).dropout(0.0)))),
-        norm(register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})))),
-        head(register_module("head", torch::nn::Linear(d, kClasses))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return head(norm(block(x)).mean(0)); }
-  torch::nn::TransformerEncoderLayer block;
-  torch::nn::LayerNorm norm;
-  torch::nn::Linear head;
-};
-TORCH_MODULE(EncoderBlock);
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -74,7 +61,7 @@ int main(int argc, char** argv) {
   const int64_t batch = tiny ? 2 : 8, seq = tiny ? 8 : 128, d = tiny ? 32 : 512, heads = tiny ? 4 : 8,
                 ff = tiny ? 64 : 2048;
   torch::manual_seed(1234 + group->getRank());
-  EncoderBlock model(d, heads, ff);
+  EncoderBlock model(d, heads, ff, kClasses);
   const auto x = torch::randn({seq, batch, d});
   const auto y = torch::randint(kClasses, {batch});
   ampkit::dist::DataParallel ddp(*model, group, ampkit::dist::DataParallelOptions().bucket_cap_mb(cap_mb));

@@ -31,6 +31,8 @@
 // ampkit-bf16-sr out (a CPU kernel).
 #include <ampkit/ampkit.h>
 
+#include "encoder_block.h"
+
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
@@ -65,22 +67,6 @@ struct Workload {
   std::vector<std::pair<torch::Tensor, torch::Tensor>> data;
   int64_t batch;
 };
-
-struct EncoderBlockImpl : torch::nn::Module {
-  EncoderBlockImpl(int64_t d, int64_t heads, int64_t ff)
-      : block(register_module(
-            "block", torch::nn::TransformerEncoderLayer(
-                         torch::nn::TransformerEncoderLayerOptions(d, heads).dim_feedforward(ff).dropout(0.0)))),
-        norm(register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({d})))),
-        head(register_module("head", torch::nn::Linear(d, kClasses))) {}
-  torch::Tensor forward(const torch::Tensor& x) {  // x: (seq, batch, d), the C++ layer's layout
-    return head(norm(block(x)).mean(0));
-  }
-  torch::nn::TransformerEncoderLayer block;
-  torch::nn::LayerNorm norm;
-  torch::nn::Linear head;
-};
-TORCH_MODULE(EncoderBlock);
 
 // Labels come from a fixed random teacher so that the task is learnable; the data is fixed by
 // the seed and the same in every mode.
@@ -118,7 +104,7 @@ Workload make_workload(const std::string& name, torch::Device device, bool tiny)
       auto x = torch::randn({seq, batch, d});
       w.data.emplace_back(x.to(device), x.mean(0).matmul(teacher).argmax(1).to(device));
     }
-    w.build = [=] { return std::make_shared<EncoderBlockImpl>(d, heads, ff); };
+    w.build = [=] { return std::make_shared<EncoderBlockImpl>(d, heads, ff, kClasses); };
     w.forward = [](torch::nn::Module& m, const torch::Tensor& x) {
       return static_cast<EncoderBlockImpl&>(m).forward(x);
     };
@@ -189,8 +175,8 @@ std::string peer_mode(const std::string& mode) {
   if (base_mode(mode) != mode) return base_mode(mode);
   if (mode == "ampkit-fp32") return "fp32";
   if (mode.rfind("ampkit-", 0) == 0) {
-    const std::string precision = mode.substr(7, mode.find('-', 7) == std::string::npos ? std::string::npos
-                                                                                         : mode.find('-', 7) - 7);
+    const std::string precision =
+        mode.substr(7, mode.find('-', 7) == std::string::npos ? std::string::npos : mode.find('-', 7) - 7);
     return "torch-" + precision;
   }
   return "";
@@ -424,7 +410,7 @@ int main(int argc, char** argv) {
     const bool tiny = flags.count("tiny") > 0;
     const auto models = split(flag("models", "mlp,transformer,cnn"));
     auto modes = split(flag("modes", cuda ? "fp32,torch-bf16,torch-bf16-control,ampkit-fp32,ampkit-bf16,ampkit-fp16,"
-                                                 "ampkit-bf16-master"
+                                            "ampkit-bf16-master"
                                           : "fp32,torch-bf16,torch-bf16-control,ampkit-fp32,ampkit-bf16,"
                                             "ampkit-bf16-master,ampkit-bf16-sr"));
     if (std::find(modes.begin(), modes.end(), "fp32") == modes.end()) modes.insert(modes.begin(), "fp32");
