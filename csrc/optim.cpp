@@ -1,12 +1,15 @@
 #include <ampkit/optim.h>
 
 #include "optim_detail.h"
+#include "optim_lowp_cuda.h"
 #include "tensor_groups.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 #include <torch/optim/serialize.h>
@@ -14,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <ostream>
@@ -178,15 +182,27 @@ struct LowpLayout {
   }
 };
 
-// A parameter that a stochastic_rounding step can take: bf16 on the CPU, or float32 (which steps as usual).
+// Set by _C._testing: CPU tensors take the CUDA kernels' path, their block bodies run on the host.
+std::atomic<bool> emulating_cuda_kernels{false};
+
+// Whether bf16/fp16 parameters with masters or stochastic rounding on \p device take ampkit's CUDA
+// kernels (optim_lowp_cuda.h): CUDA tensors in a build with them.
+bool takes_cuda_kernels(const c10::Device& device) {
+  return (device.is_cuda() && detail::cuda::kernels_built()) || (device.is_cpu() && emulating_cuda_kernels.load());
+}
+
+// A parameter that a stochastic_rounding step can take: bf16 on the CPU (or on CUDA in a build with
+// ampkit's CUDA kernels), or float32 (which steps as usual).
 void check_rounded_param(const char* who, const at::Tensor& p, ParamPosition pos) {
   TORCH_CHECK_VALUE(p.scalar_type() != at::kHalf, who,
                     ": expected bfloat16 or float32 parameters with stochastic_rounding (fp16 needs master_weights), "
                     "got ",
                     describe(p), " ", pos);
-  TORCH_CHECK_VALUE(p.scalar_type() != at::kBFloat16 || p.device().is_cpu(), who,
-                    ": stochastic_rounding runs on CPU parameters (no kernel for ", p.device().type(), " yet), got ",
-                    describe(p), " ", pos);
+  const c10::Device device = p.device();
+  TORCH_CHECK_VALUE(p.scalar_type() != at::kBFloat16 || device.is_cpu() || takes_cuda_kernels(device), who,
+                    ": stochastic_rounding runs on CPU parameters and on CUDA ones where ampkit is built with its "
+                    "CUDA kernels (this build: ",
+                    detail::cuda::kernels_built() ? "with" : "without", "); got ", describe(p), " ", pos);
 }
 
 void check_lowp_layout(const char* who, at::TensorList params, const LowpLayout& layout) {
@@ -417,13 +433,106 @@ void run_adam_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
     t.param_dtype = lowp_dtype(params[i].scalar_type());
     t.state_dtype = lowp_dtype(exp_avgs[i].scalar_type());
     t.stochastic = masters.empty();
-    t.rounding_key =
-        detail::rounding_key(static_cast<std::uint64_t>(h.low_precision.seed), static_cast<std::uint64_t>(step),
-                             (static_cast<std::uint64_t>(h.low_precision.group_index) << 32) | indices[i]);
+    t.rounding_key = detail::rounding_key(
+        static_cast<std::uint64_t>(h.low_precision.seed), static_cast<std::uint64_t>(step),
+        detail::rounding_tensor_index(static_cast<std::uint64_t>(h.low_precision.group_index), indices[i]));
     at::parallel_for(0, params[i].numel(), 32768,
                      [&](int64_t begin, int64_t end) { detail::adam_lowp_range(t, begin, end, args); });
     work.finish(grads[i], /*grads_changed=*/false);
   }
+}
+
+// The tensors of one launch of ampkit's CUDA kernels (or of their emulation on the CPU): every
+// pointer into a contiguous tensor (a non-contiguous one through a copy, written back after the
+// launch; the grads are only read, so theirs are not), plus the scalars every kernel reads, with the
+// inf flag, the scale and a device lr read on the device (no sync).
+class CudaLaunch {
+ public:
+  CudaLaunch(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList steps,
+             const std::vector<size_t>& indices, const detail::LowPrecision& lp, const at::Tensor& lr_tensor, double lr,
+             double weight_decay, bool maximize, const at::Tensor& grad_scale, const at::Tensor& found_inf)
+      : device_(params[0].device()), tensors_(params.size()) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      auto& t = tensors_[i];
+      t.param = written_.ptr(params[i]);
+      t.grad = read_.ptr(grads[i]);
+      t.master = masters.empty() ? nullptr : static_cast<float*>(written_.ptr(masters[i]));
+      t.step = steps.empty() ? nullptr : static_cast<const float*>(steps[i].const_data_ptr());
+      t.numel = params[i].numel();
+      t.index = static_cast<std::uint32_t>(indices[i]);
+    }
+    common_.param_dtype = lowp_dtype(params[0].scalar_type());
+    common_.stochastic = masters.empty();
+    common_.maximize = maximize;
+    // torch's functor: the double scalars rounded to float32, a CPU tensor lr read on the host.
+    common_.lr = static_cast<float>(lr_tensor.defined() && lr_tensor.device().is_cpu() ? lr_tensor.item<double>() : lr);
+    if (lr_tensor.defined() && !lr_tensor.device().is_cpu()) {
+      lr_ = lr_tensor.device() == device_ ? lr_tensor : lr_tensor.to(device_, /*non_blocking=*/true);
+      common_.lr_ptr = lr_.const_data_ptr<float>();
+    }
+    common_.weight_decay = static_cast<float>(weight_decay);
+    common_.grad_scale = grad_scale.defined() ? grad_scale.const_data_ptr<float>() : nullptr;
+    common_.found_inf = found_inf.defined() ? found_inf.const_data_ptr<float>() : nullptr;
+    common_.seed = static_cast<std::uint64_t>(lp.seed);
+    common_.group_index = static_cast<std::uint64_t>(lp.group_index);
+  }
+
+  // The states (one list per state, one tensor per parameter, all of one dtype).
+  void set_states(std::initializer_list<at::TensorList> states) {
+    size_t k = 0;
+    for (const auto& list : states) {
+      for (size_t i = 0; i < list.size(); ++i) tensors_[i].state[k] = written_.ptr(list[i]);
+      if (!list.empty()) common_.state_dtype = lowp_dtype(list[0].scalar_type());
+      ++k;
+    }
+  }
+  const detail::cuda::Common& common() const { return common_; }
+
+  // Runs \p launch(tensors, count, stream) on the device (the CUDA kernels), or \p emulate(tensors,
+  // count) for CPU tensors, then writes the copies back.
+  template <class Launch, class Emulate>
+  void run(const char* who, Launch&& launch, Emulate&& emulate) {
+    const char* error = nullptr;
+    if (device_.is_cpu()) {
+      error = emulate(tensors_.data(), tensors_.size());
+    } else {
+      const c10::DeviceGuard guard(device_);
+      void* stream = c10::impl::getDeviceGuardImpl(device_.type())->getStream(device_).native_handle();
+      error = launch(tensors_.data(), tensors_.size(), stream);
+    }
+    TORCH_CHECK(error == nullptr, who, ": ampkit's low-precision kernel on ", device_, " failed: ", error);
+    written_.finish(at::Tensor(), true);
+  }
+
+ private:
+  c10::Device device_;
+  std::vector<detail::cuda::TensorPtrs> tensors_;
+  detail::cuda::Common common_;
+  ContiguousWork written_;
+  ContiguousWork read_;  // never finished: the grads are not written
+  at::Tensor lr_;        // a device lr on this device, alive until the launch
+};
+
+// Adam/AdamW on bf16/fp16 CUDA parameters with masters or stochastic rounding: ampkit's kernels,
+// sync-free (the steps were counted already; a step to skip is skipped on the device).
+void run_adam_lowp_cuda(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                        const detail::AdamHyper& h, const at::Tensor& grad_scale, const at::Tensor& found_inf,
+                        const std::vector<size_t>& indices) {
+  CudaLaunch launch(params, grads, masters, steps, indices, h.low_precision, h.lr_tensor, h.lr, h.weight_decay,
+                    h.maximize, grad_scale, found_inf);
+  launch.set_states({exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
+  detail::cuda::AdamArgs args;
+  args.common = launch.common();
+  args.beta1 = static_cast<float>(h.beta1);
+  args.beta2 = static_cast<float>(h.beta2);
+  args.eps = static_cast<float>(h.eps);
+  args.decoupled_weight_decay = h.decoupled_weight_decay;
+  args.amsgrad = !max_exp_avg_sqs.empty();
+  launch.run(
+      h.decoupled_weight_decay ? AdamWOptions::kName : AdamOptions::kName,
+      [&](const auto* t, size_t n, void* stream) { return detail::cuda::adam(t, n, args, stream); },
+      [&](const auto* t, size_t n) { return detail::cuda::emulate_adam(t, n, args); });
 }
 
 // The master step where no one-pass kernel exists (CUDA and the other devices): torch's fused step
@@ -470,7 +579,10 @@ void run_fused_adam(at::TensorList params, at::TensorList grads, at::TensorList 
     };
     at::_foreach_add_(s, 1);
     const at::Tensor& first = params[idx[0]];
-    if ((layout.master_of(first) || layout.rounded(first)) && device.is_cpu()) {
+    const bool lowp = layout.master_of(first) || layout.rounded(first);
+    if (lowp && takes_cuda_kernels(device)) {
+      run_adam_lowp_cuda(p, g, mst, m, v, vmax, s, h, scales.get(device), fi, idx);
+    } else if (lowp && device.is_cpu()) {
       run_adam_lowp_cpu(p, g, mst, m, v, vmax, s, h, scales.get(device), fi, idx);
     } else if (layout.master_of(first)) {
       run_master_composed(p, g, mst, fused);
@@ -516,12 +628,31 @@ void run_sgd_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
       t.stochastic = true;
       t.rounding_key = detail::rounding_key(
           static_cast<std::uint64_t>(h.low_precision.seed), static_cast<std::uint64_t>(steps[i].item<float>()),
-          (static_cast<std::uint64_t>(h.low_precision.group_index) << 32) | indices[i]);
+          detail::rounding_tensor_index(static_cast<std::uint64_t>(h.low_precision.group_index), indices[i]));
     }
     at::parallel_for(0, params[i].numel(), 32768,
                      [&](int64_t begin, int64_t end) { detail::sgd_lowp_range(t, begin, end, args); });
     work.finish(grads[i], args.write_grad && args.unscale);
   }
+}
+
+// SGD on bf16/fp16 CUDA parameters with masters or stochastic rounding (\p steps: the counters that
+// key the random bits, counted already): ampkit's kernels, sync-free.
+void run_sgd_lowp_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
+                       at::TensorList steps, const detail::SGDHyper& h, bool is_first_step,
+                       const at::Tensor& grad_scale, const at::Tensor& found_inf, const std::vector<size_t>& indices) {
+  CudaLaunch launch(params, grads, masters, steps, indices, h.low_precision, h.lr_tensor, h.lr, h.weight_decay,
+                    h.maximize, grad_scale, found_inf);
+  launch.set_states({bufs});
+  detail::cuda::SgdArgs args;
+  args.common = launch.common();
+  args.momentum = static_cast<float>(h.momentum);
+  args.dampening = static_cast<float>(h.dampening);
+  args.nesterov = h.nesterov;
+  args.first_step = is_first_step;
+  launch.run(
+      SGDOptions::kName, [&](const auto* t, size_t n, void* stream) { return detail::cuda::sgd(t, n, args, stream); },
+      [&](const auto* t, size_t n) { return detail::cuda::emulate_sgd(t, n, args); });
 }
 
 // torch's _fused_sgd over each device and dtype; run_sgd_lowp_cpu for bf16/fp16 CPU parameters with
@@ -546,7 +677,13 @@ void run_fused_sgd(at::TensorList params, at::TensorList grads, at::TensorList m
     };
     const bool master = layout.master_of(first);
     const bool rounded = layout.rounded(first);
-    if (device.is_cpu() && (master || rounded || (h.momentum != 0 && is_low_precision(first)))) {
+    if ((master || rounded) && takes_cuda_kernels(device)) {
+      const auto s = rounded ? pick(steps, idx) : std::vector<at::Tensor>();
+      if (!s.empty()) at::_foreach_add_(s, 1);
+      run_sgd_lowp_cuda(p, g, b, master ? pick(masters, idx) : std::vector<at::Tensor>(), s, h, is_first_step, gs, fi,
+                        idx);
+      if (!s.empty() && fi.defined()) at::_foreach_sub_(s, std::vector<at::Tensor>(s.size(), fi));
+    } else if (device.is_cpu() && (master || rounded || (h.momentum != 0 && is_low_precision(first)))) {
       run_sgd_lowp_cpu(p, g, b, master ? pick(masters, idx) : std::vector<at::Tensor>(),
                        rounded ? pick(steps, idx) : std::vector<at::Tensor>(), h, is_first_step, gs, fi, idx);
     } else if (master) {
@@ -1006,6 +1143,8 @@ void check_scale_tensor(const at::Tensor& t, const char* name) {
                     "fused optimizer step: expected ", name,
                     " to be None/undefined or a 1-element float32 tensor, got ", describe(t));
 }
+
+bool set_emulate_cuda_kernels(bool enabled) { return emulating_cuda_kernels.exchange(enabled); }
 
 bool found_inf_is_set(const at::Tensor& found_inf) { return found_inf.defined() && found_inf.item<float>() != 0.0f; }
 

@@ -4,6 +4,8 @@
 
 #include <ampkit/optim.h>
 
+#include "optim_lowp_math.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -67,9 +69,6 @@ void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList mome
                 at::TensorList steps, const SGDHyper& hyper, bool is_first_step, const at::Tensor& grad_scale,
                 const at::Tensor& found_inf);
 
-/// The element types of the one-pass CPU kernels (optim_lowp_kernels.cpp).
-enum class LowpDtype : std::uint8_t { bf16, fp16, fp32 };
-
 /// One tensor's memory for a one-pass CPU kernel: contiguous, every pointer at element 0.
 struct LowpTensors {
   void* param = nullptr;    ///< bf16 or fp16 (param_dtype)
@@ -100,8 +99,6 @@ struct AdamLowpArgs {
 /// One pass over elements [begin, end) in float32 arithmetic; the copy for this CPU's instruction set.
 void sgd_lowp_range(const LowpTensors& tensors, int64_t begin, int64_t end, const SgdLowpArgs& args);
 void adam_lowp_range(const LowpTensors& tensors, int64_t begin, int64_t end, const AdamLowpArgs& args);
-/// The key of the random bits of stochastic rounding of one tensor at one step.
-std::uint32_t rounding_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor_index);
 
 /// Throws c10::ValueError unless \p p can be rounded stochastically (bf16 on the CPU, or float32),
 /// naming the optimizer and (group, index).
@@ -109,6 +106,11 @@ void check_rounded_param(const char* who, const at::Tensor& p, size_t group, siz
 
 /// Throws c10::ValueError unless \p t is undefined or a 1-element float32 tensor.
 void check_scale_tensor(const at::Tensor& t, const char* name);
+
+/// Tests: when enabled, CPU parameters with masters or stochastic rounding take the path of CUDA
+/// parameters, with the CUDA kernels' block bodies run on the host (optim_lowp_cuda.h). Returns the
+/// previous setting.
+bool set_emulate_cuda_kernels(bool enabled);
 
 /// Whether \p found_inf (undefined: no) is nonzero. Synchronizes.
 bool found_inf_is_set(const at::Tensor& found_inf);

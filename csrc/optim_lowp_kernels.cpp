@@ -42,20 +42,10 @@ namespace {
 
 constexpr int64_t kBlock = 256;
 
-// bfloat16 <-> float32: c10::BFloat16's round to nearest even (NaN stays a quiet NaN), written
-// branchless so that the loops over a block vectorize.
-AMPKIT_INLINE float load(const c10::BFloat16& v) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-AMPKIT_INLINE void store(c10::BFloat16& v, float f) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  const auto rounded = static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-  v.x = std::isnan(f) ? static_cast<std::uint16_t>(0x7fc0) : rounded;
-}
+// bfloat16 <-> float32: c10::BFloat16's round to nearest even (optim_lowp_math.h, branchless so
+// that the loops over a block vectorize).
+AMPKIT_INLINE float load(const c10::BFloat16& v) { return bf16_to_float(v.x); }
+AMPKIT_INLINE void store(c10::BFloat16& v, float f) { v.x = bf16_bits_nearest(f); }
 // float16 <-> float32 without F16C: c10::Half's own conversions (IEEE round to nearest even).
 AMPKIT_INLINE float load(const c10::Half& v) { return static_cast<float>(v); }
 AMPKIT_INLINE void store(c10::Half& v, float f) { v = c10::Half(f); }
@@ -109,28 +99,6 @@ AMPKIT_INLINE void from_float(const float* __restrict__ src, T* __restrict__ dst
   for (int64_t i = 0; i < n; ++i) store(dst[i], src[i]);
 }
 
-// The random bits of stochastic rounding: a counter-based hash of (key, element index), so the
-// result depends on neither the thread split nor the instruction set, and a seed reproduces it.
-// lowbias32 (Chris Wellons' integer hash), branchless so that a block's loop vectorizes.
-AMPKIT_INLINE std::uint32_t mix32(std::uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-// float32 -> bfloat16 rounded stochastically: the 16 bits below the bfloat16 are compared with
-// random ones (adding them carries into the kept bits with probability equal to the dropped
-// fraction), so the expected value is the float32 one. NaN stays a quiet NaN.
-AMPKIT_INLINE std::uint16_t stochastic_bf16_bits(float f, std::uint32_t random) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  const auto rounded = static_cast<std::uint16_t>((bits + (random & 0xffffu)) >> 16);
-  return std::isnan(f) ? static_cast<std::uint16_t>(0x7fc0) : rounded;
-}
-
 // Stores a block of float32 results into the parameter: round to nearest, or (bf16 only)
 // stochastically with the random bits of elements [start, start + n).
 template <bool F16C, class T>
@@ -140,7 +108,7 @@ AMPKIT_INLINE void store_param(const float* __restrict__ src, T* __restrict__ ds
     if (t.stochastic) {
       for (int64_t i = 0; i < n; ++i) {
         const auto index = static_cast<std::uint32_t>(start + i);
-        dst[i].x = stochastic_bf16_bits(src[i], mix32(index * 0x9e3779b1u + t.rounding_key));
+        dst[i].x = bf16_bits_stochastic(src[i], rounding_bits(index, t.rounding_key));
       }
       return;
     }
@@ -396,17 +364,6 @@ void adam_lowp_range(const LowpTensors& tensors, int64_t begin, int64_t end, con
   }
 #endif
   adam_any<false>(tensors, begin, end, args);
-}
-
-std::uint32_t rounding_key(std::uint64_t seed, std::uint64_t step, std::uint64_t tensor_index) {
-  // splitmix64 over the three, so that neighbouring seeds, steps and tensors draw unrelated bits.
-  auto splitmix = [](std::uint64_t z) {
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  };
-  return static_cast<std::uint32_t>(splitmix(splitmix(splitmix(seed) ^ step) ^ tensor_index));
 }
 
 }  // namespace ampkit::optim::detail

@@ -2,6 +2,8 @@
 // can run them over the same sequences as torch.amp.GradScaler and ampkit.Trainer and compare
 // (tests/python/test_cpp_against_torch.py). Not part of the API.
 #include "python/bind.h"
+#include "optim_detail.h"
+#include "optim_lowp_cuda.h"
 
 #include <ampkit/grad_scaler.h>
 #include <ampkit/optim.h>
@@ -141,6 +143,12 @@ void bind_testing(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())  // backward must not hold the GIL; the closure takes it
       .def("get_scale", &CppTrainer::scale)
       .def_property_readonly("micro_steps", &CppTrainer::micro_steps);
+
+  t.def("set_emulate_cuda_kernels", &optim::detail::set_emulate_cuda_kernels, py::arg("enabled"),
+        "Route CPU low-precision optimizer steps through ampkit's CUDA kernel path, its block bodies run on the "
+        "host; returns the previous setting.");
+  t.def("cuda_kernels_built", &optim::detail::cuda::kernels_built,
+        "Whether this build has ampkit's CUDA kernels for low-precision parameters.");
 }
 
 }  // namespace ampkit::python

@@ -2,6 +2,8 @@
 
 #include <ampkit/low_precision.h>
 
+#include "optim_lowp_cuda.h"
+
 #include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/linear.h>
@@ -9,7 +11,9 @@
 #include <torch/optim/adamw.h>
 #include <torch/serialize.h>
 
+#include <map>
 #include <sstream>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -207,4 +211,48 @@ TEST_CASE("the Trainer trains fp16 parameters with masters, the GradScaler and c
     (it == 0 ? first : last) = stats.loss().item<double>();
   }
   CHECK(last < first);
+}
+
+TEST_CASE("the CUDA kernels' launch tables cover every chunk of every tensor once, within the limits",
+          "[low_precision]") {
+  namespace kc = ampkit::optim::detail::cuda;
+  // Empty tensors, chunk boundaries, more tensors than a table holds, and one tensor with more
+  // chunks than a table has blocks.
+  std::vector<int64_t> sizes = {0, 1, kc::kChunk, kc::kChunk + 1, 0};
+  for (int i = 0; i < 30; ++i) sizes.push_back(5 + i);
+  sizes.push_back(int64_t{kc::kMaxBlocks} * kc::kChunk + 7);
+  sizes.push_back(3);
+  std::vector<kc::TensorPtrs> tensors(sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    tensors[i].numel = sizes[i];
+    tensors[i].index = static_cast<std::uint32_t>(i);
+  }
+  std::map<std::pair<std::uint32_t, int32_t>, int> seen;
+  int tables = 0;
+  std::uint32_t last_tensor = 0;
+  kc::for_each_table(tensors.data(), tensors.size(), [&](const kc::LaunchTable& table) {
+    ++tables;
+    REQUIRE(table.blocks > 0);
+    REQUIRE(table.blocks <= kc::kMaxBlocks);
+    REQUIRE(table.tensor_count > 0);
+    REQUIRE(table.tensor_count <= kc::kMaxTensors);
+    for (int b = 0; b < table.blocks; ++b) {
+      REQUIRE(table.block_tensor[b] < table.tensor_count);
+      const auto& t = table.tensors[table.block_tensor[b]];
+      REQUIRE(t.numel > int64_t{table.block_chunk[b]} * kc::kChunk);
+      REQUIRE(t.index >= last_tensor);  // in order
+      last_tensor = t.index;
+      ++seen[{t.index, table.block_chunk[b]}];
+    }
+  });
+  size_t expected = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const int64_t chunks = (sizes[i] + kc::kChunk - 1) / kc::kChunk;
+    for (int64_t c = 0; c < chunks; ++c) {
+      CHECK(seen[{static_cast<std::uint32_t>(i), static_cast<int32_t>(c)}] == 1);
+      ++expected;
+    }
+  }
+  CHECK(seen.size() == expected);
+  CHECK(tables >= 3);
 }
