@@ -26,15 +26,14 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ L
   sgd_block<DeviceHalf, P, S>(table, args, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
-}  // namespace
-
-bool kernels_built() { return true; }
-
-const char* adam(const TensorPtrs* tensors, std::size_t count, const AdamArgs& args, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  const bool supported = with_dtypes(args.common.param_dtype, args.common.state_dtype, [&](auto p, auto st) {
+// Launches kernel_of(P, S) over every table for the type pair of args.
+template <class Args, class KernelOf>
+const char* launch_all(const TensorPtrs* tensors, std::size_t count, const Args& args, void* stream,
+                       KernelOf&& kernel_of) {
+  const bool supported = with_dtypes(args.common.param_dtype, args.common.state_dtype, [&](auto p, auto s) {
+    const auto kernel = kernel_of(p, s);
     for_each_table(tensors, count, [&](const LaunchTable& table) {
-      adam_kernel<decltype(p)::value, decltype(st)::value><<<table.blocks, kThreads, 0, s>>>(table, args);
+      kernel<<<table.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, args);
     });
   });
   if (!supported) return kUnsupportedPair;
@@ -42,16 +41,18 @@ const char* adam(const TensorPtrs* tensors, std::size_t count, const AdamArgs& a
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }
 
+}  // namespace
+
+bool kernels_built() { return true; }
+
+const char* adam(const TensorPtrs* tensors, std::size_t count, const AdamArgs& args, void* stream) {
+  return launch_all(tensors, count, args, stream,
+                    [](auto p, auto s) { return adam_kernel<decltype(p)::value, decltype(s)::value>; });
+}
+
 const char* sgd(const TensorPtrs* tensors, std::size_t count, const SgdArgs& args, void* stream) {
-  const auto s = static_cast<cudaStream_t>(stream);
-  const bool supported = with_dtypes(args.common.param_dtype, args.common.state_dtype, [&](auto p, auto st) {
-    for_each_table(tensors, count, [&](const LaunchTable& table) {
-      sgd_kernel<decltype(p)::value, decltype(st)::value><<<table.blocks, kThreads, 0, s>>>(table, args);
-    });
-  });
-  if (!supported) return kUnsupportedPair;
-  const cudaError_t error = cudaGetLastError();
-  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+  return launch_all(tensors, count, args, stream,
+                    [](auto p, auto s) { return sgd_kernel<decltype(p)::value, decltype(s)::value>; });
 }
 
 }  // namespace ampkit::optim::detail::cuda

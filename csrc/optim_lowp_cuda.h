@@ -191,16 +191,32 @@ AMPKIT_HD std::uint32_t block_key(const Common& c, const TensorPtrs& t, float st
              : 0u;
 }
 
+/// What a block walks: elements [begin, end) of tensor t, with the step's lr; skip when the inf flag
+/// is 1 (torch's kernels compare with 1).
+struct Block {
+  const TensorPtrs& t;
+  int64_t begin, end;
+  float lr;
+  bool skip;
+};
+AMPKIT_HD Block block_of(const LaunchTable& table, const Common& c, int block) {
+  const TensorPtrs& t = table.tensors[table.block_tensor[block]];
+  const int64_t begin = static_cast<int64_t>(table.block_chunk[block]) * kChunk;
+  const bool skip = c.found_inf != nullptr && *c.found_inf == 1.0f;
+  return {t, begin, begin + kChunk < t.numel ? begin + kChunk : t.numel, skip || c.lr_ptr == nullptr ? c.lr : *c.lr_ptr,
+          skip};
+}
+
 /// Adam/AdamW over one block (one chunk of one tensor); \p thread of \p threads.
 template <class Half, LowpDtype P, LowpDtype S>
 AMPKIT_HD void adam_block(const LaunchTable& table, const AdamArgs& a, int block, int thread, int threads) {
   const Common& c = a.common;
-  if (c.found_inf != nullptr && *c.found_inf == 1.0f) return;
-  const TensorPtrs& t = table.tensors[table.block_tensor[block]];
-  const int64_t begin = static_cast<int64_t>(table.block_chunk[block]) * kChunk;
-  const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
+  const Block b = block_of(table, c, block);
+  if (b.skip) return;
+  const TensorPtrs& t = b.t;
+  const int64_t begin = b.begin, end = b.end;
+  const float lr = b.lr;
   // As torch's functor: the scalars in float32, the bias corrections from the step on the device.
-  const float lr = c.lr_ptr != nullptr ? *c.lr_ptr : c.lr;
   const float beta1 = a.beta1, beta2 = a.beta2, weight_decay = c.weight_decay, eps = a.eps;
   const float step = *t.step;
   const float bias_correction1 = 1 - std::pow(beta1, step);
@@ -243,11 +259,11 @@ AMPKIT_HD void adam_block(const LaunchTable& table, const AdamArgs& a, int block
 template <class Half, LowpDtype P, LowpDtype S>
 AMPKIT_HD void sgd_block(const LaunchTable& table, const SgdArgs& a, int block, int thread, int threads) {
   const Common& c = a.common;
-  if (c.found_inf != nullptr && *c.found_inf == 1.0f) return;
-  const TensorPtrs& t = table.tensors[table.block_tensor[block]];
-  const int64_t begin = static_cast<int64_t>(table.block_chunk[block]) * kChunk;
-  const int64_t end = begin + kChunk < t.numel ? begin + kChunk : t.numel;
-  const float lr = c.lr_ptr != nullptr ? *c.lr_ptr : c.lr;
+  const Block b = block_of(table, c, block);
+  if (b.skip) return;
+  const TensorPtrs& t = b.t;
+  const int64_t begin = b.begin, end = b.end;
+  const float lr = b.lr;
   const float weight_decay = c.weight_decay, momentum = a.momentum, dampening = a.dampening;
   const std::uint32_t key = c.stochastic ? block_key(c, t, *t.step) : 0u;
   for (int64_t i = begin + thread; i < end; i += threads) {

@@ -13,35 +13,30 @@ struct HostHalf {
   static std::uint16_t from_float(float v) { return c10::Half(v).x; }
 };
 
-template <class Body>
-void run_blocks(const LaunchTable& table, Body&& body) {
-  for (int block = 0; block < table.blocks; ++block) {
-    for (int thread = 0; thread < kThreads; ++thread) body(block, thread);
-  }
+// Runs body_of(P, S)(table, args, block, thread, threads) for every block and thread of every table.
+template <class Args, class BodyOf>
+const char* run_all(const TensorPtrs* tensors, std::size_t count, const Args& args, BodyOf&& body_of) {
+  const bool supported = with_dtypes(args.common.param_dtype, args.common.state_dtype, [&](auto p, auto s) {
+    const auto body = body_of(p, s);
+    for_each_table(tensors, count, [&](const LaunchTable& table) {
+      for (int block = 0; block < table.blocks; ++block) {
+        for (int thread = 0; thread < kThreads; ++thread) body(table, args, block, thread, kThreads);
+      }
+    });
+  });
+  return supported ? nullptr : kUnsupportedPair;
 }
 
 }  // namespace
 
 const char* emulate_adam(const TensorPtrs* tensors, std::size_t count, const AdamArgs& args) {
-  const bool supported = with_dtypes(args.common.param_dtype, args.common.state_dtype, [&](auto p, auto s) {
-    for_each_table(tensors, count, [&](const LaunchTable& table) {
-      run_blocks(table, [&](int block, int thread) {
-        adam_block<HostHalf, decltype(p)::value, decltype(s)::value>(table, args, block, thread, kThreads);
-      });
-    });
-  });
-  return supported ? nullptr : kUnsupportedPair;
+  return run_all(tensors, count, args,
+                 [](auto p, auto s) { return adam_block<HostHalf, decltype(p)::value, decltype(s)::value>; });
 }
 
 const char* emulate_sgd(const TensorPtrs* tensors, std::size_t count, const SgdArgs& args) {
-  const bool supported = with_dtypes(args.common.param_dtype, args.common.state_dtype, [&](auto p, auto s) {
-    for_each_table(tensors, count, [&](const LaunchTable& table) {
-      run_blocks(table, [&](int block, int thread) {
-        sgd_block<HostHalf, decltype(p)::value, decltype(s)::value>(table, args, block, thread, kThreads);
-      });
-    });
-  });
-  return supported ? nullptr : kUnsupportedPair;
+  return run_all(tensors, count, args,
+                 [](auto p, auto s) { return sgd_block<HostHalf, decltype(p)::value, decltype(s)::value>; });
 }
 
 #if !defined(AMPKIT_CUDA_KERNELS)
