@@ -1,4 +1,4 @@
-"""One AdamW step over low-precision parameters on the CPU: ampkit's fused master-weight and
+"""One AdamW step over low-precision parameters on the CPU or a CUDA device: ampkit's fused master-weight and
 stochastic-rounding steps against the torch recipe that composes the same master step, and against
 the fp32 fused step that torch-bf16 (torch.autocast) trains with, in bytes moved per parameter and
 the bandwidth achieved.
@@ -28,7 +28,11 @@ each repeat rotating which goes first; every repeat times one step of each.
 Before timing, one step of ampkit-master and of torch-composed-master from the same state is
 compared bitwise (masters, states and parameters): ``master_matches_composed`` in the JSON.
 
-    python benchmarks/bench_lowp_step.py [--numel 4194304] [--tensors 4] [--repeats 21] [--json PATH]
+On CUDA (``--device cuda``: ampkit's CUDA kernels where the build has them) each step is timed with
+device events, and there is no CPU time; the bitwise check is against torch's fused CUDA kernel.
+
+    python benchmarks/bench_lowp_step.py [--device cpu|cuda] [--numel 4194304] [--tensors 4] [--repeats 21]
+                                         [--json PATH]
 """
 import argparse
 import statistics
@@ -63,7 +67,7 @@ class ComposedMaster:
         self.masters = [p.detach().float() for p in params]
         self.exp_avgs = [torch.zeros_like(m) for m in self.masters]
         self.exp_avg_sqs = [torch.zeros_like(m) for m in self.masters]
-        self.steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
 
     def step(self):
         g32 = [p.grad.float() for p in self.params]
@@ -108,6 +112,7 @@ def master_matches_composed(base, grads):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--numel", type=int, default=4 * 2**20, help="elements per tensor")
     p.add_argument("--tensors", type=int, default=4)
     p.add_argument("--repeats", type=int, default=21)
@@ -120,10 +125,14 @@ def main(argv=None):
             p.error(f"--variants: expected names among {', '.join(VARIANTS)}, got {v!r}")
     if args.numel < 1 or args.tensors < 1 or args.repeats < 1:
         p.error("expected --numel, --tensors and --repeats >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: expected a CUDA device, torch sees none")
+    cuda = args.device == "cuda"
 
     g = torch.Generator().manual_seed(0)
-    base = [torch.randn(args.numel, generator=g).to(torch.bfloat16) for _ in range(args.tensors)]
-    grads = [(torch.randn(args.numel, generator=g) * 1e-2).to(torch.bfloat16) for _ in range(args.tensors)]
+    base = [torch.randn(args.numel, generator=g).to(args.device, torch.bfloat16) for _ in range(args.tensors)]
+    grads = [(torch.randn(args.numel, generator=g) * 1e-2).to(args.device, torch.bfloat16)
+             for _ in range(args.tensors)]
     matches = master_matches_composed(base, grads)
     setups = {}
     for v in variants:
@@ -139,13 +148,23 @@ def main(argv=None):
             order = list(setups.items())
             order = order[r % len(order):] + order[:r % len(order)]  # each goes first in turn
             for v, opt in order:
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    opt.step()
+                    end.record()
+                    end.synchronize()
+                    samples[v]["wall_ms"].append(start.elapsed_time(end))
+                    samples[v]["cpu_ms"].append(float("nan"))
+                    continue
                 c0, w0 = cpu_clock(), time.perf_counter()
                 opt.step()
                 w1, c1 = time.perf_counter(), cpu_clock()
                 samples[v]["wall_ms"].append((w1 - w0) * 1e3)
                 samples[v]["cpu_ms"].append((c1 - c0) * 1e3)
     results = []
-    print(f"CPU {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tensors} x "
+    where = torch.cuda.get_device_name() if cuda else f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+    print(f"{where}, torch {torch.__version__}, {args.tensors} x "
           f"{args.numel:,} elements, AdamW, median of {args.repeats} interleaved steps")
     print(f"{'variant':24s} {'B/param':>8s} {'wall ms':>9s} {'cpu ms':>9s} {'GB/s wall':>10s} {'GB/s cpu':>9s}")
     for v, s in samples.items():
@@ -167,7 +186,8 @@ def main(argv=None):
             r[f"wall_over_{ref}"] = r["wall_ms"] / by[ref]["wall_ms"] if ref in by else None
             r[f"cpu_over_{ref}"] = r["cpu_ms"] / by[ref]["cpu_ms"] if ref in by else None
     print(f"ampkit master step bitwise equal to the composed torch step: {matches}")
-    out = {**header("lowp_step", cpu_clock=CLOCK, other_load=load), "ampkit": ampkit.__version__,
+    out = {**header("lowp_step", cpu_clock=None if cuda else CLOCK, device=args.device, other_load=load),
+           "ampkit": ampkit.__version__, "cuda_kernels": ampkit._C._testing.cuda_kernels_built(),
            "numel": args.numel, "tensors": args.tensors, "params": n, "repeats": args.repeats,
            "optimizer": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD},
            "master_matches_composed": matches, "results": results}

@@ -20,9 +20,10 @@ parameters two ways (see ``ampkit.cast_model``):
 * ``master_weights=True``: a float32 master copy of every bf16/fp16 parameter and float32 states;
   each step reads the low-precision grad (still scaled: the scale is divided out in float32, so
   fp16 grads under a GradScaler never underflow in an unscale), updates the master and writes the
-  parameter rounded to nearest, in one pass over memory (CPU; elsewhere torch's fused step on the
-  masters). A master step equals torch's fused step on the float32 master with the grad upcast.
-* ``stochastic_rounding=True`` (bf16, CPU): no master; the update is computed in float32 and rounded
+  parameter rounded to nearest, in one pass over memory (ampkit's kernels on the CPU and, in a
+  CUDA build, on CUDA; elsewhere torch's fused step on the masters). A master step equals torch's
+  fused step on the float32 master with the grad upcast.
+* ``stochastic_rounding=True`` (bf16; CPU, and CUDA in a CUDA build): no master; the update is computed in float32 and rounded
   stochastically into the parameter (unbiased), states in ``state_dtype`` (float32 or bfloat16).
   The random bits depend on ``seed``, the step, the group and the tensor, so runs reproduce and
   resume bitwise.
