@@ -467,7 +467,7 @@ class CudaLaunch {
     // torch's functor: the double scalars rounded to float32, a CPU tensor lr read on the host.
     common_.lr = static_cast<float>(lr_tensor.defined() && lr_tensor.device().is_cpu() ? lr_tensor.item<double>() : lr);
     if (lr_tensor.defined() && !lr_tensor.device().is_cpu()) {
-      lr_ = lr_tensor.device() == device_ ? lr_tensor : lr_tensor.to(device_, /*non_blocking=*/true);
+      lr_ = lr_tensor.to(device_, at::kFloat, /*non_blocking=*/true);
       common_.lr_ptr = lr_.const_data_ptr<float>();
     }
     common_.weight_decay = static_cast<float>(weight_decay);
@@ -513,12 +513,46 @@ class CudaLaunch {
   at::Tensor lr_;        // a device lr on this device, alive until the launch
 };
 
+// The positions of \p states by dtype (one launch per dtype: a kernel reads one state type); all
+// positions of \p count when \p states is empty.
+std::vector<std::vector<size_t>> by_state_dtype(at::TensorList states, size_t count) {
+  std::vector<std::vector<size_t>> out;
+  std::vector<at::ScalarType> dtypes;
+  for (size_t i = 0; i < count; ++i) {
+    const auto dtype = states.empty() ? at::kFloat : states[i].scalar_type();
+    const auto it = std::find(dtypes.begin(), dtypes.end(), dtype);
+    if (it == dtypes.end()) {
+      dtypes.push_back(dtype);
+      out.push_back({i});
+    } else {
+      out[it - dtypes.begin()].push_back(i);
+    }
+  }
+  return out;
+}
+
+std::vector<size_t> pick_indices(const std::vector<size_t>& indices, const std::vector<size_t>& positions) {
+  std::vector<size_t> out;
+  out.reserve(positions.size());
+  for (const size_t k : positions) out.push_back(indices[k]);
+  return out;
+}
+
 // Adam/AdamW on bf16/fp16 CUDA parameters with masters or stochastic rounding: ampkit's kernels,
-// sync-free (the steps were counted already; a step to skip is skipped on the device).
+// sync-free (the steps were counted already; a step to skip is skipped on the device). With
+// stochastic rounding the tensors' states may differ in dtype (float32 or bf16): one launch each.
 void run_adam_lowp_cuda(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList exp_avgs,
                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                         const detail::AdamHyper& h, const at::Tensor& grad_scale, const at::Tensor& found_inf,
                         const std::vector<size_t>& indices) {
+  const auto groups = by_state_dtype(exp_avgs, params.size());
+  if (groups.size() > 1) {
+    for (const auto& k : groups) {
+      run_adam_lowp_cuda(pick(params, k), pick(grads, k), pick(masters, k), pick(exp_avgs, k), pick(exp_avg_sqs, k),
+                         pick(max_exp_avg_sqs, k), pick(steps, k), h, grad_scale, found_inf, pick_indices(indices, k));
+    }
+    return;
+  }
   CudaLaunch launch(params, grads, masters, steps, indices, h.low_precision, h.lr_tensor, h.lr, h.weight_decay,
                     h.maximize, grad_scale, found_inf);
   launch.set_states({exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
@@ -641,6 +675,14 @@ void run_sgd_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 void run_sgd_lowp_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masters,
                        at::TensorList steps, const detail::SGDHyper& h, bool is_first_step,
                        const at::Tensor& grad_scale, const at::Tensor& found_inf, const std::vector<size_t>& indices) {
+  const auto groups = by_state_dtype(bufs, params.size());
+  if (groups.size() > 1) {
+    for (const auto& k : groups) {
+      run_sgd_lowp_cuda(pick(params, k), pick(grads, k), pick(bufs, k), pick(masters, k), pick(steps, k), h,
+                        is_first_step, grad_scale, found_inf, pick_indices(indices, k));
+    }
+    return;
+  }
   CudaLaunch launch(params, grads, masters, steps, indices, h.low_precision, h.lr_tensor, h.lr, h.weight_decay,
                     h.maximize, grad_scale, found_inf);
   launch.set_states({bufs});

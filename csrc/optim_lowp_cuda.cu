@@ -30,14 +30,16 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const __grid_constant__ L
 template <class Args, class KernelOf>
 const char* launch_all(const TensorPtrs* tensors, std::size_t count, const Args& args, void* stream,
                        KernelOf&& kernel_of) {
+  cudaError_t error = cudaSuccess;
   const bool supported = with_dtypes(args.common.param_dtype, args.common.state_dtype, [&](auto p, auto s) {
     const auto kernel = kernel_of(p, s);
     for_each_table(tensors, count, [&](const LaunchTable& table) {
+      if (error != cudaSuccess) return;  // after a failed launch, no more
       kernel<<<table.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, args);
+      error = cudaGetLastError();
     });
   });
   if (!supported) return kUnsupportedPair;
-  const cudaError_t error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }
 

@@ -11,9 +11,9 @@
 // from the step there.
 //
 // The arithmetic is that of torch's fused CUDA kernels (ATen/native/cuda/fused_adam_utils.cuh and
-// FusedSgdKernel.cu, torch 2.13) on float32 values, so a master step is torch's fused step on the
-// master with the grad upcast, in one pass instead of three. The stochastic rounding uses the bits
-// of optim_lowp_math.h, the same as the CPU kernels.
+// FusedSgdKernel.cu, torch 2.13; float32 scalars, torch's op-math type, not double) on float32 values, so a master step
+// is torch's fused step on the master with the grad upcast, in one pass instead of three. The stochastic rounding uses
+// the bits of optim_lowp_math.h, the same as the CPU kernels.
 //
 // The block bodies are written once, for nvcc (optim_lowp_cuda.cu) and for the host compiler:
 // emulate_adam / emulate_sgd run them block by block on the CPU, which is how the tests check the
@@ -54,7 +54,6 @@ struct LaunchTable {
   std::int32_t blocks = 0;
   std::int32_t tensor_count = 0;
 };
-static_assert(sizeof(LaunchTable) + 128 <= 4096, "a launch table must fit in a kernel's parameters");
 
 /// What every kernel reads besides the tensors.
 struct Common {
@@ -86,6 +85,9 @@ struct SgdArgs {
 /// What adam() and sgd() return for a (parameter, state) type pair that with_dtypes() does not take.
 inline constexpr const char* kUnsupportedPair =
     "no kernel for this (parameter, state) type pair: expected (bf16 or fp16, float32) or (bf16, bf16)";
+
+static_assert(sizeof(LaunchTable) + sizeof(AdamArgs) <= 4096 && sizeof(LaunchTable) + sizeof(SgdArgs) <= 4096,
+              "a launch table and the scalars must fit in a kernel's 4 KiB of parameters");
 
 /// Whether this build has the CUDA kernels (ampkit built against a CUDA LibTorch).
 bool kernels_built();

@@ -268,6 +268,43 @@ def test_emulated_cuda_path_writes_non_contiguous_tensors_back():
     assert torch.equal(oa.state[a]["master"], ob.state[b]["master"])
 
 
+@pytest.mark.parametrize("op", ["adam", "sgd"])
+def test_emulated_cuda_path_takes_mixed_state_dtypes_one_launch_each(op):
+    """The operators take stochastic-rounding states of float32 for one tensor and bf16 for another
+    (a kernel reads one state type, so one launch each). SGD: as the CPU kernel, bitwise. Adam: each
+    tensor's states as when it steps alone (its parameter draws other random bits alone: its index
+    in the lists keys them), the parameter within one bf16 spacing."""
+    def run(indices, emulate=True):
+        gen = torch.Generator().manual_seed(8)
+        ps = [torch.randn(CHUNK + 5, generator=gen).to(torch.bfloat16) for _ in range(2)]
+        gs = [torch.randn(CHUNK + 5, generator=gen).to(torch.bfloat16) for _ in range(2)]
+        dtypes = [torch.float32, torch.bfloat16]
+        states = [[torch.rand(CHUNK + 5, generator=gen).to(d) for d in dtypes] for _ in range(2)]
+        steps = [torch.tensor(3.0), torch.tensor(3.0)]
+        pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
+        with emulated() if emulate else contextlib.nullcontext():
+            if op == "adam":
+                torch.ops.ampkit.fused_adam_(pick(ps), pick(gs), pick(states[0]), pick(states[1]), [], pick(steps),
+                                             lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8,
+                                             amsgrad=False, maximize=False, decoupled_weight_decay=True,
+                                             stochastic_rounding=True, seed=4)
+            else:
+                torch.ops.ampkit.fused_sgd_(pick(ps), pick(gs), pick(states[0]), lr=0.1, momentum=0.9, dampening=0.0,
+                                            weight_decay=0.0, nesterov=False, maximize=False, is_first_step=False,
+                                            state_steps=pick(steps), stochastic_rounding=True, seed=4)
+        return [[ps[i], states[0][i], states[1][i], steps[i]] for i in indices]
+
+    together = run([0, 1])
+    if op == "sgd":
+        expected = run([0, 1], emulate=False)
+        assert all(torch.equal(a, b) for x, y in zip(together, expected) for a, b in zip(x, y))
+        return
+    for (p, *rest), (q, *rest_alone) in zip(together, run([0]) + run([1])):
+        assert all(torch.equal(a, b) for a, b in zip(rest, rest_alone))
+        spacing = p.float().abs().clamp_min(1e-30) * 2.0 ** -7
+        assert ((p.float() - q.float()).abs() <= spacing).all()
+
+
 # ---- on a CUDA device ----
 
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _testing.cuda_kernels_built()),
