@@ -35,7 +35,7 @@ const char* launch_all(const TensorPtrs* tensors, std::size_t count, const Args&
     const auto kernel = kernel_of(p, s);
     for_each_table(tensors, count, [&](const LaunchTable& table) {
       if (error != cudaSuccess) return;  // after a failed launch, no more
-      kernel<<<table.blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, args);
+      kernel<<<static_cast<unsigned>(table.blocks()), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(table, args);
       error = cudaGetLastError();
     });
   });

@@ -2,9 +2,11 @@
 // Internal: the CUDA one-pass kernels of the low-precision optimizers (bf16/fp16 parameters with
 // float32 masters, or bf16 parameters rounded stochastically), seen from the host.
 //
-// One kernel per (parameter type, state type) walks many tensors at once: the host packs the
-// tensors into launch tables (a block per chunk of kChunk elements of one tensor, as torch's
-// multi_tensor_apply does) and launches one kernel per table. Each element is read once and written
+// One kernel per (parameter type, state type) walks many tensors at once: the host packs up to
+// kMaxTensors whole tensors into a launch table and launches one kernel per table, a block per chunk
+// of kChunk elements of one tensor (as torch's multi_tensor_apply does); a block finds its tensor
+// from the tensors' cumulative chunk counts, so a launch has as many blocks as its tensors have
+// chunks and a large model fills the GPU. Each element is read once and written
 // once: grad (never written, the grads stay scaled), master, states, parameter. Sync-free: the
 // kernel reads the inf flag, the scale, a tensor lr and the step counters on the device, skips the
 // whole step when the flag is 1, and computes the bias corrections and the key of the random bits
@@ -30,8 +32,7 @@ namespace ampkit::optim::detail::cuda {
 
 inline constexpr int64_t kChunk = 65536;  ///< elements per block
 inline constexpr int kThreads = 512;      ///< threads per block
-inline constexpr int kMaxTensors = 24;    ///< tensors per launch table
-inline constexpr int kMaxBlocks = 256;    ///< blocks per launch table
+inline constexpr int kMaxTensors = 36;    ///< tensors per launch table
 
 /// One tensor's memory, contiguous, every pointer at element 0, all on one device.
 struct TensorPtrs {
@@ -45,14 +46,13 @@ struct TensorPtrs {
   std::uint32_t index = 0;  ///< the tensor's index in the optimizer's lists (its stream of random bits)
 };
 
-/// What one kernel launch walks: blocks[b] is chunk block_chunk[b] of tensors[block_tensor[b]].
-/// Passed by value as the kernel's parameter (under the 4 KiB limit).
+/// What one kernel launch walks: blocks [first_block[t], first_block[t + 1]) are the chunks of
+/// tensors[t], in order. Passed by value as the kernel's parameter (under the 4 KiB limit).
 struct LaunchTable {
   TensorPtrs tensors[kMaxTensors];
-  std::int32_t block_chunk[kMaxBlocks];
-  std::uint8_t block_tensor[kMaxBlocks];
-  std::int32_t blocks = 0;
+  int64_t first_block[kMaxTensors + 1] = {};
   std::int32_t tensor_count = 0;
+  int64_t blocks() const { return first_block[tensor_count]; }
 };
 
 /// What every kernel reads besides the tensors.
@@ -99,30 +99,22 @@ const char* sgd(const TensorPtrs* tensors, std::size_t count, const SgdArgs& arg
 const char* emulate_adam(const TensorPtrs* tensors, std::size_t count, const AdamArgs& args);
 const char* emulate_sgd(const TensorPtrs* tensors, std::size_t count, const SgdArgs& args);
 
-/// Packs \p tensors into launch tables in order and calls launch(table) for each; empty tensors
-/// are left out. A tensor whose chunks do not fit in one table continues in the next.
+/// Packs \p tensors, whole and in order, into launch tables of at most kMaxTensors and calls
+/// launch(table) for each; empty tensors are left out.
 template <class Launch>
 void for_each_table(const TensorPtrs* tensors, std::size_t count, Launch&& launch) {
   LaunchTable table;
-  auto flush = [&] {
-    launch(static_cast<const LaunchTable&>(table));
-    table.blocks = 0;
-    table.tensor_count = 0;
-  };
   for (std::size_t k = 0; k < count; ++k) {
     const TensorPtrs& t = tensors[k];
-    const int64_t chunks = (t.numel + kChunk - 1) / kChunk;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      if (chunk == 0 || table.tensor_count == 0) {  // the tensor needs a slot in this table
-        if (table.tensor_count == kMaxTensors) flush();
-        table.tensors[table.tensor_count++] = t;
-      }
-      table.block_tensor[table.blocks] = static_cast<std::uint8_t>(table.tensor_count - 1);
-      table.block_chunk[table.blocks] = static_cast<std::int32_t>(chunk);
-      if (++table.blocks == kMaxBlocks) flush();
+    if (t.numel <= 0) continue;
+    table.tensors[table.tensor_count] = t;
+    table.first_block[table.tensor_count + 1] = table.first_block[table.tensor_count] + (t.numel + kChunk - 1) / kChunk;
+    if (++table.tensor_count == kMaxTensors) {
+      launch(static_cast<const LaunchTable&>(table));
+      table.tensor_count = 0;
     }
   }
-  if (table.blocks > 0) flush();
+  if (table.tensor_count > 0) launch(static_cast<const LaunchTable&>(table));
 }
 
 /// Calls run(P, S) with std::integral_constant<LowpDtype, ...> for the (parameter, state) type
@@ -201,9 +193,11 @@ struct Block {
   float lr;
   bool skip;
 };
-AMPKIT_HD Block block_of(const LaunchTable& table, const Common& c, int block) {
-  const TensorPtrs& t = table.tensors[table.block_tensor[block]];
-  const int64_t begin = static_cast<int64_t>(table.block_chunk[block]) * kChunk;
+AMPKIT_HD Block block_of(const LaunchTable& table, const Common& c, int64_t block) {
+  int k = 0;  // the block's tensor: at most kMaxTensors comparisons, against kChunk elements of work
+  while (block >= table.first_block[k + 1]) ++k;
+  const TensorPtrs& t = table.tensors[k];
+  const int64_t begin = (block - table.first_block[k]) * kChunk;
   const bool skip = c.found_inf != nullptr && *c.found_inf == 1.0f;
   return {t, begin, begin + kChunk < t.numel ? begin + kChunk : t.numel, skip || c.lr_ptr == nullptr ? c.lr : *c.lr_ptr,
           skip};
@@ -211,7 +205,7 @@ AMPKIT_HD Block block_of(const LaunchTable& table, const Common& c, int block) {
 
 /// Adam/AdamW over one block (one chunk of one tensor); \p thread of \p threads.
 template <class Half, LowpDtype P, LowpDtype S>
-AMPKIT_HD void adam_block(const LaunchTable& table, const AdamArgs& a, int block, int thread, int threads) {
+AMPKIT_HD void adam_block(const LaunchTable& table, const AdamArgs& a, int64_t block, int thread, int threads) {
   const Common& c = a.common;
   const Block b = block_of(table, c, block);
   if (b.skip) return;
@@ -259,7 +253,7 @@ AMPKIT_HD void adam_block(const LaunchTable& table, const AdamArgs& a, int block
 
 /// SGD over one block; the step counter is read only with stochastic rounding.
 template <class Half, LowpDtype P, LowpDtype S>
-AMPKIT_HD void sgd_block(const LaunchTable& table, const SgdArgs& a, int block, int thread, int threads) {
+AMPKIT_HD void sgd_block(const LaunchTable& table, const SgdArgs& a, int64_t block, int thread, int threads) {
   const Common& c = a.common;
   const Block b = block_of(table, c, block);
   if (b.skip) return;

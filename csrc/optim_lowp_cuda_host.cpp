@@ -19,7 +19,7 @@ const char* run_all(const TensorPtrs* tensors, std::size_t count, const Args& ar
   const bool supported = with_dtypes(args.common.param_dtype, args.common.state_dtype, [&](auto p, auto s) {
     const auto body = body_of(p, s);
     for_each_table(tensors, count, [&](const LaunchTable& table) {
-      for (int block = 0; block < table.blocks; ++block) {
+      for (int64_t block = 0; block < table.blocks(); ++block) {
         for (int thread = 0; thread < kThreads; ++thread) body(table, args, block, thread, kThreads);
       }
     });

@@ -216,43 +216,45 @@ TEST_CASE("the Trainer trains fp16 parameters with masters, the GradScaler and c
 TEST_CASE("the CUDA kernels' launch tables cover every chunk of every tensor once, within the limits",
           "[low_precision]") {
   namespace kc = ampkit::optim::detail::cuda;
-  // Empty tensors, chunk boundaries, more tensors than a table holds, and one tensor with more
-  // chunks than a table has blocks.
+  // Empty tensors, chunk boundaries, more tensors than a table holds, and a large tensor.
   std::vector<int64_t> sizes = {0, 1, kc::kChunk, kc::kChunk + 1, 0};
-  for (int i = 0; i < 30; ++i) sizes.push_back(5 + i);
-  sizes.push_back(int64_t{kc::kMaxBlocks} * kc::kChunk + 7);
+  for (int i = 0; i < 2 * kc::kMaxTensors; ++i) sizes.push_back(5 + i);
+  sizes.push_back(int64_t{1000} * kc::kChunk + 7);
   sizes.push_back(3);
   std::vector<kc::TensorPtrs> tensors(sizes.size());
   for (size_t i = 0; i < sizes.size(); ++i) {
     tensors[i].numel = sizes[i];
     tensors[i].index = static_cast<std::uint32_t>(i);
   }
-  std::map<std::pair<std::uint32_t, int32_t>, int> seen;
+  std::map<std::pair<std::uint32_t, int64_t>, int> seen;
   int tables = 0;
   std::uint32_t last_tensor = 0;
   kc::for_each_table(tensors.data(), tensors.size(), [&](const kc::LaunchTable& table) {
     ++tables;
-    REQUIRE(table.blocks > 0);
-    REQUIRE(table.blocks <= kc::kMaxBlocks);
     REQUIRE(table.tensor_count > 0);
     REQUIRE(table.tensor_count <= kc::kMaxTensors);
-    for (int b = 0; b < table.blocks; ++b) {
-      REQUIRE(table.block_tensor[b] < table.tensor_count);
-      const auto& t = table.tensors[table.block_tensor[b]];
-      REQUIRE(t.numel > int64_t{table.block_chunk[b]} * kc::kChunk);
-      REQUIRE(t.index >= last_tensor);  // in order
-      last_tensor = t.index;
-      ++seen[{t.index, table.block_chunk[b]}];
+    REQUIRE(table.first_block[0] == 0);
+    for (int64_t b = 0; b < table.blocks(); ++b) {
+      // The mapping block_of() makes on the device.
+      const kc::Block block = kc::block_of(table, kc::Common{}, b);
+      REQUIRE_FALSE(block.skip);
+      REQUIRE(block.begin < block.end);
+      REQUIRE(block.end <= block.t.numel);
+      REQUIRE(block.end - block.begin <= kc::kChunk);
+      REQUIRE(block.begin % kc::kChunk == 0);
+      REQUIRE(block.t.index >= last_tensor);  // in order
+      last_tensor = block.t.index;
+      ++seen[{block.t.index, block.begin / kc::kChunk}];
     }
   });
   size_t expected = 0;
   for (size_t i = 0; i < sizes.size(); ++i) {
     const int64_t chunks = (sizes[i] + kc::kChunk - 1) / kc::kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
-      CHECK(seen[{static_cast<std::uint32_t>(i), static_cast<int32_t>(c)}] == 1);
+      CHECK(seen[{static_cast<std::uint32_t>(i), c}] == 1);
       ++expected;
     }
   }
   CHECK(seen.size() == expected);
-  CHECK(tables >= 3);
+  CHECK(tables == 3);  // 2 * kMaxTensors + 5 non-empty tensors
 }

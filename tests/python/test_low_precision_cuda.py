@@ -34,8 +34,8 @@ def emulated():
         _testing.set_emulate_cuda_kernels(previous)
 
 
-# Sizes across the launch tables' limits: 30 tensors (24 per table), chunk boundaries, empty ones.
-SHAPES = [(33, 7), (CHUNK + 3,), (0,), (7,)] + [(5, 3)] * 26 + [(2 * CHUNK - 1,)]
+# Sizes across the launch tables' limits: 45 tensors (36 per table), chunk boundaries, empty ones.
+SHAPES = [(33, 7), (CHUNK + 3,), (0,), (7,)] + [(5, 3)] * 40 + [(2 * CHUNK - 1,)]
 
 
 def _params(dtype, shapes=SHAPES, seed=0, device="cpu"):
@@ -138,7 +138,7 @@ ADAM_CASES = [
 @pytest.mark.parametrize("case", ADAM_CASES, ids=["adamw-wd", "adam-amsgrad-maximize", "adamw-betas"])
 def test_emulated_cuda_master_adam_equals_torch_cuda_formula(case, dtype):
     cls, kwargs = case
-    shapes = [(33, 7), (CHUNK + 3,), (7,)] + [(3, 5)] * 25
+    shapes = [(33, 7), (CHUNK + 3,), (7,)] + [(3, 5)] * 40
     params = _params(dtype, shapes)
     opt = cls(params, master_weights=True, **kwargs)
     beta1, beta2 = kwargs.get("betas", (0.9, 0.999))
