@@ -21,8 +21,9 @@
 ///
 /// bf16/fp16 parameters (see cast_model in <ampkit/low_precision.h>) can step through float32
 /// masters (`master_weights(true)`: the master step equals torch's fused step on the master with
-/// the grad upcast) or be rounded stochastically (`stochastic_rounding(true)`, bf16 on the CPU);
-/// on the CPU each is one pass over every tensor. The grads of such parameters are left scaled
+/// the grad upcast) or be rounded stochastically (`stochastic_rounding(true)`, bf16 on the CPU, and
+/// on CUDA where ampkit is built with its CUDA kernels); each is one pass over every tensor (CUDA: a
+/// few multi-tensor launches, sync-free). The grads of such parameters are left scaled
 /// (the step divides by the scale in float32), so fp16 grads are never unscaled in place.
 
 #include <ampkit/grad_scaler.h>
@@ -64,7 +65,8 @@ struct AdamFamilyOptions : public torch::optim::OptimizerCloneableOptions<AdamFa
   /// float32 parameters of the group step as usual. Default false.
   TORCH_ARG(bool, master_weights) = false;
   /// No master: the update of every bf16 parameter is computed in float32 and rounded
-  /// stochastically into it (CPU), with states of state_dtype. Exclusive with master_weights.
+  /// stochastically into it (CPU; CUDA with ampkit's CUDA kernels), with states of state_dtype.
+  /// Exclusive with master_weights.
   TORCH_ARG(bool, stochastic_rounding) = false;
   /// With stochastic_rounding: the dtype of the states, float32 (default) or bfloat16.
   TORCH_ARG(c10::ScalarType, state_dtype) = c10::kFloat;
@@ -112,7 +114,8 @@ struct SGDOptions : public torch::optim::OptimizerCloneableOptions<SGDOptions> {
   /// float32 parameters of the group step as usual. Default false.
   TORCH_ARG(bool, master_weights) = false;
   /// No master: the update of every bf16 parameter is computed in float32 and rounded
-  /// stochastically into it (CPU), with states of state_dtype. Exclusive with master_weights.
+  /// stochastically into it (CPU; CUDA with ampkit's CUDA kernels), with states of state_dtype.
+  /// Exclusive with master_weights.
   TORCH_ARG(bool, stochastic_rounding) = false;
   /// With stochastic_rounding: the dtype of the states, float32 (default) or bfloat16.
   TORCH_ARG(c10::ScalarType, state_dtype) = c10::kFloat;
