@@ -464,11 +464,13 @@ class CudaLaunch {
     common_.param_dtype = lowp_dtype(params[0].scalar_type());
     common_.stochastic = masters.empty();
     common_.maximize = maximize;
-    // torch's functor: the double scalars rounded to float32, a CPU tensor lr read on the host.
-    common_.lr = static_cast<float>(lr_tensor.defined() && lr_tensor.device().is_cpu() ? lr_tensor.item<double>() : lr);
+    // torch's functor: the double scalars rounded to float32; a tensor lr read on the device, or on
+    // the host where it is a CPU tensor.
     if (lr_tensor.defined() && !lr_tensor.device().is_cpu()) {
       lr_ = lr_tensor.to(device_, at::kFloat, /*non_blocking=*/true);
       common_.lr_ptr = lr_.const_data_ptr<float>();
+    } else {
+      common_.lr = static_cast<float>(lr_value(lr_tensor, lr));
     }
     common_.weight_decay = static_cast<float>(weight_decay);
     common_.grad_scale = grad_scale.defined() ? grad_scale.const_data_ptr<float>() : nullptr;

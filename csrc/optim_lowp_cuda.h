@@ -160,6 +160,12 @@ AMPKIT_HD void store(void* base, int64_t i, float v) {
   }
 }
 
+/// The parameter's float32 value: its master, or the parameter itself.
+template <LowpDtype P, class Half>
+AMPKIT_HD float load_param(const TensorPtrs& t, int64_t i) {
+  return t.master != nullptr ? t.master[i] : load<P, Half>(t.param, i);
+}
+
 /// The parameter from its float32 value: into the master and rounded to nearest, or rounded
 /// stochastically (bf16) with the bits of element \p i under \p key.
 template <LowpDtype P, class Half>
@@ -210,7 +216,6 @@ AMPKIT_HD void adam_block(const LaunchTable& table, const AdamArgs& a, int64_t b
   const Block b = block_of(table, c, block);
   if (b.skip) return;
   const TensorPtrs& t = b.t;
-  const int64_t begin = b.begin, end = b.end;
   const float lr = b.lr;
   // As torch's functor: the scalars in float32, the bias corrections from the step on the device.
   const float beta1 = a.beta1, beta2 = a.beta2, weight_decay = c.weight_decay, eps = a.eps;
@@ -218,8 +223,8 @@ AMPKIT_HD void adam_block(const LaunchTable& table, const AdamArgs& a, int64_t b
   const float bias_correction1 = 1 - std::pow(beta1, step);
   const float bias_correction2_sqrt = std::sqrt(1 - std::pow(beta2, step));
   const std::uint32_t key = block_key(c, t, step);
-  for (int64_t i = begin + thread; i < end; i += threads) {
-    float param = t.master != nullptr ? t.master[i] : load<P, Half>(t.param, i);
+  for (int64_t i = b.begin + thread; i < b.end; i += threads) {
+    float param = load_param<P, Half>(t, i);
     float grad = load<P, Half>(t.grad, i);
     float exp_avg = load<S, Half>(t.state[0], i);
     float exp_avg_sq = load<S, Half>(t.state[1], i);
@@ -258,12 +263,11 @@ AMPKIT_HD void sgd_block(const LaunchTable& table, const SgdArgs& a, int64_t blo
   const Block b = block_of(table, c, block);
   if (b.skip) return;
   const TensorPtrs& t = b.t;
-  const int64_t begin = b.begin, end = b.end;
   const float lr = b.lr;
   const float weight_decay = c.weight_decay, momentum = a.momentum, dampening = a.dampening;
   const std::uint32_t key = c.stochastic ? block_key(c, t, *t.step) : 0u;
-  for (int64_t i = begin + thread; i < end; i += threads) {
-    float p = t.master != nullptr ? t.master[i] : load<P, Half>(t.param, i);
+  for (int64_t i = b.begin + thread; i < b.end; i += threads) {
+    float p = load_param<P, Half>(t, i);
     float g = load<P, Half>(t.grad, i);
     // torch's sgd_math, operation for operation.
     if (c.grad_scale != nullptr) g /= *c.grad_scale;
