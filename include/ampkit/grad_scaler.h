@@ -159,7 +159,13 @@ struct GradScalerState {
   std::optional<int64_t> hysteresis;
   std::optional<int64_t> overflow_streak;
 
-  bool operator==(const GradScalerState&) const = default;
+  // Written out, not defaulted: the header stays C++17 where the LibTorch is (torch < 2.13).
+  bool operator==(const GradScalerState& o) const {
+    return scale == o.scale && growth_factor == o.growth_factor && backoff_factor == o.backoff_factor &&
+           growth_interval == o.growth_interval && growth_tracker == o.growth_tracker && min_scale == o.min_scale &&
+           max_scale == o.max_scale && hysteresis == o.hysteresis && overflow_streak == o.overflow_streak;
+  }
+  bool operator!=(const GradScalerState& o) const { return !(*this == o); }
 };
 
 /// Stage of one optimizer between two update() calls (torch's OptState).

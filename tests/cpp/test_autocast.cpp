@@ -274,7 +274,11 @@ namespace {
 struct ThreadAutocastState {
   bool cpu_enabled, cuda_enabled, cache, key_included, key_excluded;
   c10::ScalarType cpu_dtype, cuda_dtype;
-  bool operator==(const ThreadAutocastState&) const = default;
+  bool operator==(const ThreadAutocastState& o) const {  // C++17: no defaulted comparison
+    return cpu_enabled == o.cpu_enabled && cuda_enabled == o.cuda_enabled && cache == o.cache &&
+           key_included == o.key_included && key_excluded == o.key_excluded && cpu_dtype == o.cpu_dtype &&
+           cuda_dtype == o.cuda_dtype;
+  }
 };
 
 ThreadAutocastState thread_state() {
