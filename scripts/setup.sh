@@ -27,13 +27,13 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "[ampkit] installing torch==2.13.0"
   "$PYTHON" -m pip install -q torch==2.13.0
 fi
-# The installed torch is a constraint: no requirement (lightning, accelerate) may replace it.
-torch_pin="$(mktemp)"
-"$PYTHON" -c "import torch; print('torch==' + torch.__version__)" >"$torch_pin"
-"$PYTHON" -m pip install -q -r requirements-dev.txt -c "$torch_pin"
-rm -f "$torch_pin"
-# pyproject.toml's build-system.requires: --no-build-isolation makes pip use what is installed.
-"$PYTHON" -m pip install -q "setuptools>=77"
+# The installed torch is pinned: no requirement (lightning, accelerate) may replace it, and what is
+# installed beside it must suit it (torch 2.11 asks for setuptools < 82, for one). The pin is the
+# distribution's version, not torch.__version__: PyPI's CUDA wheels call themselves 2.11.0 while
+# torch.__version__ says 2.11.0+cu130, a version nothing installed has. setuptools >= 77 is
+# pyproject.toml's build-system.requires: --no-build-isolation makes pip build with what is here.
+torch_pin="torch==$("$PYTHON" -c "from importlib.metadata import version; print(version('torch'))")"
+"$PYTHON" -m pip install -q -r requirements-dev.txt "setuptools>=77" "$torch_pin"
 
 echo "[ampkit] building (build/: library, ampkit._C, Catch2 tests, examples)"
 export AMPKIT_BUILD_TESTS=1
