@@ -14,6 +14,7 @@
 #include <array>
 #include <atomic>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -131,6 +132,11 @@ extern const char* const kBinaryCrossEntropyAdvice;
 // An unboxed kernel for \p entry's operator if it is one of the default tables' (compiled in,
 // autocast_unboxed.cpp), else nullopt: the boxed kernel serves it.
 std::optional<torch::CppFunction> unboxed_kernel_for(const OpEntry& entry);
+
+// The operators torch's own autocast of \p device_type serves with kernels that are no cast policy
+// (autocast_lists.h): the default table leaves them to torch, and the check of the table against
+// the running torch's registrations counts them as expected.
+const std::set<std::string>& torch_own_kernels(c10::DeviceType device_type);
 
 // Registers the fallthrough fallback and the default tables on first use; throws if another
 // library (a PrivateUse1 backend) already owns the key.

@@ -139,3 +139,18 @@
   _(promote, stack)                                   \
   _(promote, cat)                                     \
   _(promote, index_copy)
+
+// Entries of older supported releases that 2.13 lacks: torch 2.11 (the lent GPU machine's) also
+// autocasts these Dimname overloads on CPU, which 2.13 no longer defines. The default CPU table
+// takes them (a torch without them filters them out); the unboxed kernels do not, since they name
+// at::_ops types that 2.13's headers lack: the boxed kernel serves them.
+#define AMPKIT_FORALL_CPU_DEFAULTS_BOXED_ONLY(_) \
+  _(fp32, prod, dim_Dimname)                     \
+  _(promote, index_copy, dimname)
+
+// Operators torch's AutocastCUDA key serves with kernels of their own rather than with a cast
+// policy: _cudnn_rnn (CUDA builds, aten/src/ATen/native/cudnn/RNN.cpp) casts the weights and
+// re-flattens them into cuDNN's one buffer, which no policy expresses. ampkit's table leaves them
+// out, and so they stay torch's: ampkit's key falls through for an op its table lacks, and torch's
+// AutocastCUDA kernel handles it in an ampkit region as under torch.autocast.
+#define AMPKIT_TORCH_OWN_CUDA_KERNELS {"aten::_cudnn_rnn"}
