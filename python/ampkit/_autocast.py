@@ -10,25 +10,41 @@ from ._cast_policy import _sync_compiled_code
 
 
 def _not_traced(fn):
-    """Marks fn as torch.compiler.disable'd functions are marked, without importing Dynamo (which
-    ``torch.compiler.disable`` would, at a second of import time): Dynamo does not trace into it
-    and calls it as it is (a graph break)."""
+    """Keeps torch.compile out of fn and all it calls, as ``torch.compiler.disable`` does, without
+    importing Dynamo (which that would, at a second of import time). The mark makes a compiled frame
+    that calls fn graph-break and call it as it is; the frame strategy keeps Dynamo from compiling
+    fn's own frame and the frames under it when it then runs (without it Dynamo compiled them as
+    top-level frames: wasted compilations, and under torch 2.11, whose Dynamo takes a subclass of
+    torch.amp.autocast for torch's region, an error from inside ``super().__init__``)."""
     fn._torchdynamo_disable = True
+    frames = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    if frames is not None and hasattr(frames, "set_code_exec_strategy"):
+        skip = frames._FrameAction.SKIP
+        frames.set_code_exec_strategy(fn.__code__, frames._FrameExecStrategy(skip, skip))
     return fn
 
 
 # torch.compile turns a torch.amp.autocast object met in a compiled frame into torch's own region
-# (torch's lists, ampkit's table ignored) except for instances of torch's _UnmanagedAutocast
-# subclass, which it treats as user objects: ampkit's regions then run eagerly (a graph break)
-# with ampkit's table. Older torch versions without that class get torch.amp.autocast itself.
-_TorchAutocast = getattr(torch.amp.autocast_mode, "_UnmanagedAutocast", torch.amp.autocast)
+# (torch's lists, ampkit's table ignored) except, from torch 2.13, instances of torch's
+# _UnmanagedAutocast subclass, which it treats as user objects: ampkit's regions then run eagerly
+# (a graph break) with ampkit's table. Where torch lacks that class (2.11), every subclass of
+# torch.amp.autocast became torch's region in compiled code, silently; there ampkit.autocast takes
+# torch.amp.autocast's code (its __init__ and __call__, so the arguments, defaults, warnings and
+# errors are still torch's) without its type: isinstance(r, torch.autocast) is False there.
+if hasattr(torch.amp.autocast_mode, "_UnmanagedAutocast"):
+    _TorchAutocast = torch.amp.autocast_mode._UnmanagedAutocast
+else:
+
+    class _TorchAutocast:  # type: ignore[no-redef]
+        __init__ = torch.amp.autocast.__init__
+        __call__ = torch.amp.autocast.__call__
 
 
 class autocast(_TorchAutocast):
     """Context manager and decorator that runs ops in mixed precision.
 
     A drop-in for ``torch.autocast(device_type, dtype=None, enabled=True, cache_enabled=None)``,
-    and a subclass of it: the arguments, their defaults, the warnings and errors are torch's, and
+    and a subclass of it (from torch 2.13; see the note above the class): the arguments, their defaults, the warnings and errors are torch's, and
     inside the region torch's autocast state is set exactly as ``torch.autocast`` sets it
     (``torch.is_autocast_enabled(device_type)``, ``torch.get_autocast_dtype(device_type)``), so
     ``torch.amp.custom_fwd``, activation checkpointing, ``torch.compile`` and nested
