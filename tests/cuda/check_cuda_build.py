@@ -15,13 +15,27 @@ and torch_cuda_library, and torch links torch_cuda_library), and empty libc10_cu
 libtorch_cuda.so. It configures ampkit against it (with CMake's default generator: under Unix
 Makefiles, CMake 3.25 refused libampkit for want of a CUDA20 dialect, which Ninja never showed),
 builds the kernels' object library with torch's CUDA flags and warnings as errors, and checks that:
+  - configured as setup.py configures (no CMAKE_CUDA_COMPILER, no CUDA_TOOLKIT_ROOT_DIR, no CUDA_HOME or
+    CUDA_PATH) with the only nvcc on PATH a wrapper script that runs the real one (the machines here
+    have /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc), torch's FindCUDA is handed the
+    toolkit nvcc reports (cmake/ampkitTorchPrefix.cmake; without it FindCUDA took /usr/local and
+    find_package(Torch) failed);
   - CMake reports "ampkit: CUDA kernels: ON";
   - the kernels' compile line has ampkit's architectures and none of torch's -gencode flags;
   - with --link, libampkit links (CUDA::cudart, the torch_cuda interface), its module imports and
     reports cuda_kernels_built(), and tests/python/test_low_precision_cuda.py passes on it (the
     caller's Python, whose torch must be the one the prefix came from, with pytest).
 
+With --cuda-libtorch, --torch-dir is a real CUDA LibTorch: nothing is faked, and --link imports
+with the caller's Python, whose torch must be that one. --download-torch VERSION fetches PyPI's
+torch==VERSION wheel alone (no CUDA libraries; 2.11.0 is the lent GPU machine's torch, 2.11.0+cu130,
+about 510 MB) and uses its LibTorch so; no network: skipped. --all builds every target (the Catch2
+tests, examples and benchmarks too) in the C++ standard that LibTorch asks for (C++17 before torch
+2.13): ampkit's sources and headers against another release's headers. Without the CUDA libraries
+the wheel's libtorch_cuda needs, executables link with --allow-shlib-undefined and nothing runs.
+
 Usage: python tests/cuda/check_cuda_build.py --torch-dir <Torch_DIR> --source <ampkit> --work <dir>
+       python tests/cuda/check_cuda_build.py --download-torch 2.11.0 --all --source <ampkit> --work <dir>
 Exit 0: passed; 1: a check failed (the output says which); 77: skipped (no nvcc).
 """
 import argparse
@@ -30,6 +44,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 SKIP = 77
 
@@ -136,6 +151,26 @@ def run(cmd, **kwargs):
     return out.stdout
 
 
+def download_torch(version, folder):
+    """Torch_DIR of PyPI's torch==version wheel unpacked into folder (its include/, lib/ and share/
+    only), or None where pip cannot fetch it."""
+    os.makedirs(folder)
+    tag = f"{sys.version_info.major}{sys.version_info.minor}"
+    fetch = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                            "--python-version", tag, "--platform", "manylinux_2_28_x86_64", "-d", folder,
+                            f"torch=={version}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wheels = [n for n in os.listdir(folder) if n.startswith(f"torch-{version}") and n.endswith(".whl")]
+    if fetch.returncode != 0 or not wheels:
+        print(fetch.stdout)
+        return None
+    wheel = os.path.join(folder, wheels[0])
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(folder, [n for n in z.namelist() if n.split("/")[:2] in (["torch", "include"],
+                                                                              ["torch", "lib"], ["torch", "share"])])
+    os.remove(wheel)
+    return os.path.join(folder, "torch", "share", "cmake", "Torch")
+
+
 def default_nvcc():
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
@@ -145,7 +180,12 @@ def default_nvcc():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--torch-dir", required=True, help="Torch_DIR of a LibTorch without CUDA")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--torch-dir", help="Torch_DIR of a LibTorch without CUDA (with --cuda-libtorch: with)")
+    where.add_argument("--download-torch", metavar="VERSION",
+                       help="PyPI's torch==VERSION wheel (CUDA), unpacked under --work; implies --cuda-libtorch")
+    p.add_argument("--cuda-libtorch", action="store_true", help="--torch-dir has CUDA already: use it as it is")
+    p.add_argument("--all", action="store_true", help="build every target (tests, examples, benchmarks)")
     p.add_argument("--source", required=True, help="ampkit's source tree")
     p.add_argument("--work", required=True, help="a folder for the prefix and the build (emptied)")
     p.add_argument("--nvcc", default=default_nvcc(),
@@ -160,26 +200,50 @@ def main(argv=None):
         print("check_cuda_build: skipped: no nvcc")
         return SKIP
     if os.path.isdir(args.work) and os.listdir(args.work):
-        if not os.path.isdir(os.path.join(args.work, "libtorch-cuda")):
+        if not any(os.path.isdir(os.path.join(args.work, mine)) for mine in ("bin", "libtorch-cuda", "wheel")):
             raise SystemExit(f"check_cuda_build: --work: expected an empty folder or one this script made, "
                              f"got {args.work!r}, which holds other files")
         shutil.rmtree(args.work)
-    torch_dir = make_cuda_prefix(args.torch_dir, os.path.join(args.work, "libtorch-cuda"))
+    os.makedirs(args.work, exist_ok=True)
+    if args.download_torch:
+        if args.link:
+            raise SystemExit("check_cuda_build: --link: the downloaded torch cannot be imported (no CUDA libraries)")
+        args.cuda_libtorch = True
+        args.torch_dir = download_torch(args.download_torch, os.path.join(args.work, "wheel"))
+        if args.torch_dir is None:
+            print(f"check_cuda_build: skipped: torch=={args.download_torch} could not be downloaded")
+            return SKIP
+    if args.cuda_libtorch:
+        torch_dir = os.path.abspath(args.torch_dir)
+    else:
+        torch_dir = make_cuda_prefix(args.torch_dir, os.path.join(args.work, "libtorch-cuda"))
+    # nvcc as these machines have it on PATH: a script that runs the toolkit's nvcc.
+    wrapper_dir = os.path.join(args.work, "bin")
+    os.makedirs(wrapper_dir)
+    with open(os.path.join(wrapper_dir, "nvcc"), "w") as f:
+        f.write(f'#!/bin/sh\nexec "{os.path.realpath(args.nvcc)}" "$@"\n')
+    os.chmod(os.path.join(wrapper_dir, "nvcc"), 0o755)
+    toolkit = os.path.dirname(os.path.dirname(os.path.realpath(args.nvcc)))
     build = os.path.join(args.work, "build")
     # The Python package to import the module from: ampkit's sources, _C and lib/ written by the build.
     package = os.path.join(args.work, "package", "ampkit")
     shutil.copytree(os.path.join(args.source, "python", "ampkit"), package,
                     ignore=shutil.ignore_patterns("_C*.so", "lib", "version.py", "__pycache__"))
-    env = dict(os.environ, PATH=os.path.dirname(args.nvcc) + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(os.environ, PATH=wrapper_dir + os.pathsep + os.environ.get("PATH", ""))
+    for name in ("CUDA_HOME", "CUDA_PATH", "CUDA_TOOLKIT_ROOT", "CUDA_BIN_PATH", "CUDACXX"):
+        env.pop(name, None)
     # No TORCH_CUDA_ARCH_LIST and no GPU: torch's own list, sm_50 first, which nvcc 13 refuses.
     env.pop("TORCH_CUDA_ARCH_LIST", None)
     configure = run(["cmake", "-S", args.source, "-B", build, "-G", args.generator, f"-DTorch_DIR={torch_dir}",
-                     f"-DCMAKE_CUDA_COMPILER={args.nvcc}", "-DCMAKE_CUDA_FLAGS=-Werror all-warnings",
-                     f"-DCUDA_TOOLKIT_ROOT_DIR={os.path.dirname(os.path.dirname(os.path.realpath(args.nvcc)))}",
-                     "-DAMPKIT_BUILD_TESTS=OFF", "-DAMPKIT_BUILD_EXAMPLES=OFF", "-DAMPKIT_BUILD_BENCHMARKS=OFF",
-                     "-DAMPKIT_INSTALL=OFF", f"-DAMPKIT_BUILD_PYTHON={'ON' if args.link else 'OFF'}",
+                     "-DCMAKE_CUDA_FLAGS=-Werror all-warnings",
+                     *[f"-DAMPKIT_BUILD_{what}={'ON' if args.all else 'OFF'}" for what in ("TESTS", "EXAMPLES",
+                                                                                          "BENCHMARKS")],
+                     *(["-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined"] if args.download_torch else []),
+                     "-DAMPKIT_INSTALL=OFF", f"-DAMPKIT_BUILD_PYTHON={'ON' if args.link or args.all else 'OFF'}",
                      f"-DAMPKIT_PYTHON_OUTPUT_DIR={package}", f"-DPython3_EXECUTABLE={sys.executable}"], env=env)
     failures = []
+    if f"PyTorch: CUDA toolkit directory: {toolkit}" not in configure:
+        failures.append(f"torch's FindCUDA was not handed the toolkit {toolkit} that the wrapper's nvcc reports")
     if "ampkit: CUDA kernels: ON" not in configure:
         failures.append("CMake did not report `ampkit: CUDA kernels: ON` against a LibTorch with CUDA")
     if not re.search(r"gencode.*arch=compute_50", configure):
@@ -195,25 +259,28 @@ def main(argv=None):
         for arch in ("compute_75", "compute_80", "compute_90"):
             if arch not in line:
                 failures.append(f"{arch} (AMPKIT_CUDA_ARCHITECTURES' default) missing from the nvcc line: {line}")
+    if args.all and not failures:
+        run(["cmake", "--build", build, "--parallel", "2"], env=env)
     if args.link and not failures:
         run(["cmake", "--build", build, "--parallel", "2"], env=env)
         # A CUDA torch has loaded libc10_cuda / libtorch_cuda by the time ampkit is imported; the
-        # empty stand-ins are loaded the same way.
+        # empty stand-ins are loaded the same way (with --cuda-libtorch, torch loads its own).
+        stubs = [] if args.cuda_libtorch else [os.path.join(args.work, "libtorch-cuda", "lib", f"lib{n}.so")
+                                               for n in ("c10_cuda", "torch_cuda")]
         probe = ("import ctypes, os, sys; import torch\n"
-                 "for lib in ('c10_cuda', 'torch_cuda'):\n"
-                 "    ctypes.CDLL(os.path.join(sys.argv[2], f'lib{lib}.so'), mode=ctypes.RTLD_GLOBAL)\n"
+                 "for lib in sys.argv[2:]:\n"
+                 "    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)\n"
                  "sys.path.insert(0, sys.argv[1]); import ampkit, ampkit._C as C\n"
                  "assert ampkit.__file__.startswith(sys.argv[1]), ampkit.__file__\n"
                  "print('cuda_kernels_built', C._testing.cuda_kernels_built())")
-        out = run([sys.executable, "-c", probe, os.path.dirname(package),
-                   os.path.join(args.work, "libtorch-cuda", "lib")])
+        out = run([sys.executable, "-c", probe, os.path.dirname(package), *stubs])
         if "cuda_kernels_built True" not in out:
             failures.append("the module built against a LibTorch with CUDA reports cuda_kernels_built() False")
         else:
             # This build's kernels' block bodies, run on the host (the tests' emulation mode).
-            lib = os.path.join(args.work, "libtorch-cuda", "lib")
-            test_env = dict(os.environ, PYTHONPATH=os.path.dirname(package),
-                            LD_PRELOAD=" ".join(os.path.join(lib, f"lib{n}.so") for n in ("c10_cuda", "torch_cuda")))
+            test_env = dict(os.environ, PYTHONPATH=os.path.dirname(package))
+            if stubs:
+                test_env["LD_PRELOAD"] = " ".join(stubs)
             result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                      os.path.join(args.source, "tests", "python", "test_low_precision_cuda.py")],
                                     env=test_env, cwd=args.work)
