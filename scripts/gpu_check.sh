@@ -10,6 +10,11 @@
 # build-gpu/ (carry it between commands with the device tool's `carry`). The Catch2 tests are
 # built where Catch2 is found (Debian's package, or its single header under third_party/catch2/,
 # carried); the pytest suite runs either way. Exit status: that of the first stage that failed.
+#
+# Python packages the image lacks travel as wheels in .whl/ (ignored by git; name it in `carry`),
+# installed into build-gpu/site for every stage. The tests need expecttest (torch.testing._internal
+# imports it; the image of 2026-11 has no copy). Here, before the first device command:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl expecttest
 set -uo pipefail
 stage="${1:-all}"
 OUT="${2:-${OUT:-gpu_out}}"
@@ -31,6 +36,13 @@ run() {  # run NAME COMMAND...: the command's output to OUT/NAME.log (and its ta
   tail -n 15 "$OUT/$name.log"
   [ $rc -eq 0 ] || [ $status -ne 0 ] || status=$rc
   return $rc
+}
+
+carried_wheels() {
+  compgen -G ".whl/*.whl" >/dev/null || return 0
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$AMPKIT_BUILD_DIR/site" .whl/*.whl || return 1
+  export PYTHONPATH="$AMPKIT_BUILD_DIR/site${PYTHONPATH:+:$PYTHONPATH}"
 }
 
 environment() {
@@ -63,8 +75,12 @@ assert k, 'ampkit was built without its CUDA kernels'"
 tests() {
   # The CUDA tests first (they skip without a device), then everything.
   "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/python/test_low_precision_cuda.py \
-    --junitxml="$OUT/pytest_cuda.xml" &&
-    "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/python --junitxml="$OUT/pytest_all.xml" &&
+    --junitxml="$OUT/pytest_cuda.xml" || return 1
+  "$PYTHON" -c "import expecttest" 2>/dev/null || {
+    echo "expecttest is missing (torch.testing._internal imports it): carry it as a wheel in .whl/ (see the header)"
+    return 1
+  }
+  "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/python --junitxml="$OUT/pytest_all.xml" &&
     if [ -x "$AMPKIT_BUILD_DIR/tests/cpp/ampkit_tests" ]; then
       # The install check rebuilds a project from scratch: left to the CPU CI.
       ctest --test-dir "$AMPKIT_BUILD_DIR" --output-on-failure -j8 -E install_and_find_package
@@ -78,6 +94,7 @@ benchmarks() {
     "$PYTHON" benchmarks/fp32_vs_amp.py --device cuda --json "$OUT/fp32_vs_amp_cuda.json" "${plot[@]}"
 }
 
+carried_wheels || { echo "[gpu_check] the wheels in .whl/ did not install" >&2; exit 1; }
 environment
 case "$stage" in
   build) run build build ;;
