@@ -24,6 +24,12 @@ std::string dtype_name(c10::ScalarType dtype) {
   return "torch." + std::string(c10::getDtypeNames(dtype).first);
 }
 
+const std::set<std::string>& torch_own_kernels(c10::DeviceType device_type) {
+  static const std::set<std::string> cuda = AMPKIT_TORCH_OWN_CUDA_KERNELS;
+  static const std::set<std::string> none;
+  return device_type == c10::DeviceType::CUDA ? cuda : none;
+}
+
 namespace {
 
 // "pow, Tensor_Scalar" (a stringized macro argument list) -> "aten::pow.Tensor_Scalar".
@@ -347,16 +353,6 @@ void revalidate_locked(Registry& r) {
   }
 }
 
-}  // namespace
-
-const std::set<std::string>& torch_own_kernels(c10::DeviceType device_type) {
-  static const std::set<std::string> cuda = AMPKIT_TORCH_OWN_CUDA_KERNELS;
-  static const std::set<std::string> none;
-  return device_type == c10::DeviceType::CUDA ? cuda : none;
-}
-
-namespace {
-
 const PolicyMap& defaults(int device) {
   static const std::array<PolicyMap, kNumPolicyDevices> d = [] {
     static_assert(kPolicyDevices[0].type == c10::DeviceType::CPU && kPolicyDevices[1].type == c10::DeviceType::CUDA,
@@ -378,11 +374,11 @@ const PolicyMap& defaults(int device) {
       const auto& torch_own = torch_own_kernels(policy_device_type(d));
       std::vector<std::string> unknown;
       for (const auto& name : dispatcher.getAllOpNames()) {
-        if (name.name.rfind("aten::", 0) != 0 || m.count(full_name(name)) || torch_own.count(full_name(name))) {
-          continue;
-        }
+        if (name.name.rfind("aten::", 0) != 0) continue;
+        auto full = full_name(name);
+        if (m.count(full) || torch_own.count(full)) continue;
         auto op = dispatcher.findSchema(name);
-        if (op && op->hasKernelForDispatchKey(key)) unknown.push_back(full_name(name));
+        if (op && op->hasKernelForDispatchKey(key)) unknown.push_back(std::move(full));
       }
       if (!unknown.empty()) {
         std::sort(unknown.begin(), unknown.end());

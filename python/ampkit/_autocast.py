@@ -44,9 +44,10 @@ class autocast(_TorchAutocast):
     """Context manager and decorator that runs ops in mixed precision.
 
     A drop-in for ``torch.autocast(device_type, dtype=None, enabled=True, cache_enabled=None)``,
-    and a subclass of it (from torch 2.13; see the note above the class): the arguments, their defaults, the warnings and errors are torch's, and
-    inside the region torch's autocast state is set exactly as ``torch.autocast`` sets it
-    (``torch.is_autocast_enabled(device_type)``, ``torch.get_autocast_dtype(device_type)``), so
+    and a subclass of it (from torch 2.13; see the note above the class): the arguments, their
+    defaults, the warnings and errors are torch's, and inside the region torch's autocast state is
+    set exactly as ``torch.autocast`` sets it (``torch.is_autocast_enabled(device_type)``,
+    ``torch.get_autocast_dtype(device_type)``), so
     ``torch.amp.custom_fwd``, activation checkpointing, ``torch.compile`` and nested
     ``torch.autocast(enabled=False)`` / ``torch.autocast(dtype=...)`` regions behave as under
     torch. The difference: each op listed in ampkit's table runs in the precision the table gives

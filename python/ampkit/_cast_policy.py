@@ -30,8 +30,9 @@ def _tables_fingerprint() -> Optional[str]:
 
 def _set_cache_key_tag(fingerprint: Optional[str]) -> None:
     # torch.compile's on-disk and in-memory caches (FX graph, AOTAutograd) key on the traced
-    # graph and (not in torch 2.11) on the autocast dtype, not on ampkit's table: a graph compiled under another
-    # table (in this process or an earlier one) would be reused. The tag is part of their keys.
+    # graph and (not in torch 2.11) on the autocast dtype, not on ampkit's table: a graph compiled
+    # under another table (in this process or an earlier one) would be reused. The tag is part of
+    # their keys.
     global _user_cache_key_tag, _our_cache_key_tag
     try:
         import torch.compiler.config as config
